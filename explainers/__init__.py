@@ -1,0 +1,1 @@
+"""gradindex explainers: GradientSimilarity, Anchors and BiLRP."""

@@ -1,0 +1,1 @@
+"""gradindex indexer: the gradient engine, projections, FAISS indexes and the SQLite catalog."""

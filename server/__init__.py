@@ -1,0 +1,1 @@
+"""gradindex gRPC server, client and command line."""
