@@ -1,0 +1,77 @@
+"""Similarity kernels over gradient vectors (DESIGN §2), shared by every path that scores.
+
+A kernel is split into a training-side and a query-side scaling so that every kernel becomes a
+plain inner product, which is what FAISS and a GEMM compute:
+
+| kernel        | score                      | train vector   | query vector |
+|---------------|----------------------------|----------------|--------------|
+| grad_dot      | g_q·g_t                    | g_t            | g_q          |
+| grad_cos      | g_q·g_t / (‖g_q‖‖g_t‖)     | g_t/‖g_t‖      | g_q/‖g_q‖    |
+| grad_asym_dot | g_q·g_t / ‖g_t‖²           | g_t/‖g_t‖²     | g_q          |
+
+alibi adds 1e-7 to the denominators; we do the same so scores match it, and so that a zero
+gradient (a perfectly fit example) scores 0 instead of NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KERNELS: tuple[str, ...] = ("grad_dot", "grad_cos", "grad_asym_dot")
+EPS = 1e-7
+
+
+def check_kernel(kernel: str) -> str:
+    """Return ``kernel`` if known, else raise a ValueError naming the choices."""
+    if kernel not in KERNELS:
+        raise ValueError(f"Unknown sim_fn/kernel {kernel!r}: use one of {', '.join(KERNELS)}.")
+    return kernel
+
+
+def train_scale(sq_norms: np.ndarray, kernel: str) -> np.ndarray:
+    """Per-row factor that turns training gradients with squared norms ``sq_norms`` into stored vectors."""
+    check_kernel(kernel)
+    sq = np.asarray(sq_norms, dtype=np.float64)
+    if kernel == "grad_dot":
+        return np.ones_like(sq)
+    if kernel == "grad_cos":
+        return 1.0 / (np.sqrt(sq) + EPS)
+    return 1.0 / (sq + EPS)
+
+
+def query_scale(sq_norms: np.ndarray, kernel: str) -> np.ndarray:
+    """Per-row factor that turns query gradients with squared norms ``sq_norms`` into query vectors."""
+    check_kernel(kernel)
+    sq = np.asarray(sq_norms, dtype=np.float64)
+    if kernel == "grad_cos":
+        return 1.0 / (np.sqrt(sq) + EPS)
+    return np.ones_like(sq)
+
+
+def scale_train(G: np.ndarray, kernel: str) -> np.ndarray:
+    """Stored training vectors for ``kernel`` from raw gradient rows ``G`` (n, d)."""
+    sq = np.einsum("ij,ij->i", G, G, dtype=np.float64)
+    return (G * train_scale(sq, kernel)[:, None]).astype(G.dtype, copy=False)
+
+
+def scale_query(G: np.ndarray, kernel: str) -> np.ndarray:
+    """Query vectors for ``kernel`` from raw gradient rows ``G`` (m, d)."""
+    sq = np.einsum("ij,ij->i", G, G, dtype=np.float64)
+    return (G * query_scale(sq, kernel)[:, None]).astype(G.dtype, copy=False)
+
+
+def scores(Gq: np.ndarray, Gt: np.ndarray, kernel: str) -> np.ndarray:
+    """Brute-force scores (m, n) between query gradients and training gradients, as alibi defines them.
+
+    Denominators follow alibi exactly (norm product + eps for cos, ‖g_t‖² + eps for asym), so this
+    is the reference the fast paths are tested against.
+    """
+    check_kernel(kernel)
+    dots = Gq @ Gt.T
+    if kernel == "grad_dot":
+        return dots
+    nq = np.linalg.norm(Gq, axis=1)
+    nt = np.linalg.norm(Gt, axis=1)
+    if kernel == "grad_cos":
+        return dots / (nq[:, None] * nt[None, :] + EPS)
+    return dots / (nt[None, :] ** 2 + EPS)
