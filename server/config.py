@@ -1,0 +1,100 @@
+"""Server configuration: one dataclass, read from ``server.toml`` (stdlib ``tomllib``).
+
+Example (docs/server.md lists every key)::
+
+    workdir = "runs/digits"          # catalog + index files (indexer.query.open_index)
+    indexes = ["digits"]             # served indexes; [] or absent = every index in the catalog
+    host = "127.0.0.1"
+    port = 50051
+    token_env = "GRADINDEX_TOKEN"    # or token = "..." / token_file = "..."; none = no auth
+    metrics_port = 9100              # Prometheus /metrics; absent = off
+    reflection = false
+    max_message_mb = 16
+    max_batch = 256
+    max_k = 1000
+    workers = 8
+
+    [tls]                            # optional
+    cert = "server.crt"
+    key = "server.key"
+
+Models are never read from client bytes: the indexer opens each index's model from the
+operator-configured files recorded at build time (``torch.load(weights_only=True)`` or a Keras file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServerConfig:
+    """Everything the server needs to start; defaults are safe for local use."""
+
+    workdir: str = "runs/gradindex"
+    indexes: list[str] = field(default_factory=list)  # empty: all indexes in the catalog
+    host: str = "127.0.0.1"
+    port: int = 50051
+    token: str | None = None           # bearer token for every RPC but health; None = no auth
+    admin_token: str | None = None     # required for ReloadIndex when set (else `token` suffices)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_port: int | None = None    # Prometheus HTTP port; 0 = any free port; None = off
+    metrics_host: str = "127.0.0.1"
+    reflection: bool = False
+    max_message_mb: float = 16.0       # gRPC receive/send limit
+    max_batch: int = 256               # queries per FindSimilar/SearchByGradient
+    max_k: int = 1000
+    workers: int = 8                   # gRPC handler threads
+    max_concurrent_rpcs: int | None = 64  # beyond: RESOURCE_EXHAUSTED instead of an unbounded queue
+    grace_s: float = 10.0              # SIGTERM: how long in-flight RPCs may take to finish
+    drain_delay_s: float = 0.0         # SIGTERM: NOT_SERVING this long before refusing new RPCs
+    log_level: str = "INFO"
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The gRPC message-size limit in bytes."""
+        return int(self.max_message_mb * 1024 * 1024)
+
+    def validate(self) -> "ServerConfig":
+        """Raise ValueError naming the key to fix; return self."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls.cert and tls.key (PEM files); set both or neither")
+        for name in ("max_batch", "max_k", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_message_mb <= 0:
+            raise ValueError(f"max_message_mb must be > 0, got {self.max_message_mb}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        return self
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "ServerConfig":
+        """Read a ``server.toml``; relative paths in it are relative to the file's directory."""
+        p = Path(path)
+        with open(p, "rb") as f:
+            raw = tomllib.load(f)
+        base = p.resolve().parent
+        raw = dict(raw.get("server", {}), **{k: v for k, v in raw.items() if k != "server"})
+        tls = raw.pop("tls", None) or {}
+        if tls:
+            raw["tls_cert"], raw["tls_key"] = tls.get("cert"), tls.get("key")
+        token_env = raw.pop("token_env", None)
+        if token_env and os.environ.get(token_env):
+            raw["token"] = os.environ[token_env]
+        token_file = raw.pop("token_file", None)
+        if token_file:
+            raw["token"] = (base / token_file).read_text().strip()
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{p}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        for key in ("workdir", "tls_cert", "tls_key"):
+            if raw.get(key) is not None:
+                raw[key] = str((base / raw[key]).resolve())
+        return cls(**raw).validate()

@@ -1,0 +1,392 @@
+"""The ``gradindex.v1.GradIndex`` servicer: validation, status codes, deadlines, stage timing.
+
+Every RPC runs through :func:`_rpc`, which turns exceptions into the status codes of DESIGN §6
+(each message says what to fix), counts and times the call, and writes one JSON log line. Query
+RPCs check the client's deadline between stages (decode, gradient, search, fetch, encode) and
+abandon the work once it has passed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+from google.protobuf import json_format, struct_pb2
+
+from server.observability import LOGGER_NAME, Metrics, StageTimer
+from server.protos import service_pb2 as pb
+from server.protos import service_pb2_grpc as pb_grpc
+from server.protos import types_pb2 as tpb
+from server.registry import NotServed, Registry, Served
+from server.tensors import from_tensor, to_tensor
+
+log = logging.getLogger(LOGGER_NAME)
+SC = grpc.StatusCode
+
+# indexer.errors class names -> status codes (matched along the MRO, so subclasses map too).
+_ERROR_CODES = {
+    "NotFound": SC.NOT_FOUND,
+    "InvalidArgument": SC.INVALID_ARGUMENT,
+    "FailedPrecondition": SC.FAILED_PRECONDITION,
+    "ResourceExhausted": SC.RESOURCE_EXHAUSTED,
+    "NotServed": SC.NOT_FOUND,
+    "ValueError": SC.INVALID_ARGUMENT,
+    "TypeError": SC.INVALID_ARGUMENT,
+    "MemoryError": SC.RESOURCE_EXHAUSTED,
+}
+
+
+class RpcError(Exception):
+    """Raised inside handlers to end the RPC with ``code`` and a message saying what to fix."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code for an exception: RpcError's own, else by class name along the MRO."""
+    if isinstance(exc, RpcError):
+        return exc.code
+    for klass in type(exc).__mro__:
+        if klass.__name__ in _ERROR_CODES:
+            return _ERROR_CODES[klass.__name__]
+    return SC.INTERNAL
+
+
+def _rpc(method: Callable) -> Callable:
+    """Wrap a handler: status mapping, metrics, one structured log line per call."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: "GradIndexServicer", request: Any, context: grpc.ServicerContext) -> Any:
+        t0 = time.perf_counter()
+        code, message, response = SC.OK, "", None
+        self.metrics.inflight.inc()
+        try:
+            response = method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status code
+            code = status_for(exc)
+            message = str(exc) if code != SC.INTERNAL else (
+                f"internal error ({type(exc).__name__}); the server log has the details")
+            if code == SC.INTERNAL:
+                log.exception("rpc failed", extra={"fields": {"method": name}})
+        finally:
+            self.metrics.inflight.dec()
+            dt = time.perf_counter() - t0
+            self.metrics.requests.labels(name, code.name).inc()
+            self.metrics.latency.labels(name).observe(dt)
+            fields = {"event": "rpc", "method": name, "code": code.name, "ms": round(dt * 1e3, 3),
+                      "peer": context.peer()}
+            idx = getattr(request, "index", None)
+            if idx:
+                fields["index"] = idx
+            if message:
+                fields["error"] = message
+            log.info("rpc", extra={"fields": fields})
+        if code != SC.OK:
+            context.abort(code, message)
+        return response
+
+    return wrapper
+
+
+def _alive(context: grpc.ServicerContext, stage: str) -> None:
+    """Abandon the request when the client has gone or its deadline has passed."""
+    remaining = context.time_remaining()
+    if not context.is_active() or (remaining is not None and remaining <= 0):
+        raise RpcError(SC.DEADLINE_EXCEEDED,
+                       f"the deadline passed before the {stage} stage; give the call a longer deadline "
+                       "or send fewer queries per call")
+
+
+def _struct(d: dict | None) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    if d:
+        s.update(json_format.MessageToDict(json_format.ParseDict(_jsonable(d), struct_pb2.Struct())))
+    return s
+
+
+def _jsonable(x: Any) -> Any:
+    """numpy scalars/arrays and other odd values -> JSON-friendly Python values."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    return str(x)
+
+
+_DIRECTIONS = {pb.DIRECTION_UNSPECIFIED: "most", pb.MOST_SIMILAR: "most", pb.LEAST_SIMILAR: "least",
+               pb.BOTH: "both"}
+
+
+class GradIndexServicer(pb_grpc.GradIndexServicer):
+    """Answers the gradindex.v1 RPCs from a :class:`Registry` of opened indexes."""
+
+    def __init__(self, registry: Registry, metrics: Metrics, *, max_batch: int = 256, max_k: int = 1000,
+                 embed_chunk: int = 64) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_k = max_k
+        self.embed_chunk = embed_chunk
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _served(self, name: str) -> Served:
+        if not name:
+            raise RpcError(SC.INVALID_ARGUMENT, "index is empty; name the index to query (see ListIndexes)")
+        try:
+            return self.registry.get(name)
+        except NotServed as exc:
+            raise RpcError(SC.NOT_FOUND, str(exc)) from None
+
+    def _check_k(self, k: int, served: Served) -> int:
+        count = int(served.info.get("count", 0))
+        if k <= 0:
+            raise RpcError(SC.INVALID_ARGUMENT, f"k must be >= 1, got {k}")
+        limit = min(count, self.max_k)
+        if k > limit:
+            why = f"the index {served.name!r} holds {count} examples" if count <= self.max_k else \
+                f"the server's max_k is {self.max_k}"
+            raise RpcError(SC.INVALID_ARGUMENT, f"k={k} is too large: {why}; ask for k <= {limit}")
+        return k
+
+    def _check_batch(self, n: int, what: str) -> None:
+        if n == 0:
+            raise RpcError(SC.INVALID_ARGUMENT, f"{what} is an empty batch; send at least one example")
+        if n > self.max_batch:
+            raise RpcError(SC.RESOURCE_EXHAUSTED,
+                           f"{what} has {n} examples, more than max_batch={self.max_batch}; split it into "
+                           f"calls of at most {self.max_batch}")
+
+    def _example_pb(self, rec: dict, include_data: bool) -> tpb.Example:
+        ex = tpb.Example(id=int(rec["id"]), external_id=str(rec.get("external_id") or ""),
+                         split=str(rec.get("split") or ""), source=str(rec.get("source") or ""))
+        for key in ("label", "prediction"):
+            if rec.get(key) is not None:
+                setattr(ex, key, int(rec[key]))
+        for key in ("gradient_norm", "self_influence"):
+            if rec.get(key) is not None:
+                setattr(ex, key, float(rec[key]))
+        meta = rec.get("metadata") or {}
+        for k, v in meta.items():
+            ex.metadata[str(k)] = v if isinstance(v, str) else str(_jsonable(v))
+        if include_data and rec.get("data") is not None:
+            ex.data.CopyFrom(to_tensor(np.asarray(rec["data"])))
+        return ex
+
+    def _records(self, served: Served, ids: np.ndarray, include_data: bool) -> dict[int, tpb.Example]:
+        uniq = sorted({int(i) for i in np.asarray(ids).ravel() if i >= 0})
+        if not uniq:
+            return {}
+        recs = served.index.get_examples(uniq, include_data=include_data)
+        return {int(r["id"]): self._example_pb(r, include_data) for r in recs}
+
+    def _filters(self, f: pb.Filter) -> dict:
+        return {"labels": list(f.labels) or None, "splits": list(f.splits) or None}
+
+    def _search_and_respond(self, served: Served, Q: np.ndarray, k: int, direction: str, filt: dict,
+                            include_data: bool, context: grpc.ServicerContext, timer: StageTimer,
+                            targets: np.ndarray | None = None) -> pb.FindSimilarResponse:
+        """Search most and/or least similar, fetch the records, build the response."""
+        _alive(context, "search")
+        hits = {}
+        for d in (("most", "least") if direction == "both" else (direction,)):
+            hits[d] = served.index.search(Q, k, least=(d == "least"), **filt)
+        timer.mark("search")
+        _alive(context, "fetch")
+        all_ids = np.concatenate([ids.ravel() for _, ids in hits.values()])
+        records = self._records(served, all_ids, include_data)
+        timer.mark("fetch")
+        resp = pb.FindSimilarResponse(index=served.name, generation=served.generation)
+        for q in range(len(Q)):
+            r = resp.results.add()
+            if targets is not None:
+                r.target = int(targets[q])
+            for d, (scores, ids) in hits.items():
+                out = r.most_similar if d == "most" else r.least_similar
+                for s, i in zip(scores[q], ids[q]):
+                    if i < 0:  # fewer candidates than k (filters)
+                        continue
+                    out.add(score=float(s), example=records[int(i)])
+        timer.mark("encode")
+        context.set_trailing_metadata((("server-timing", timer.header()),))
+        return resp
+
+    def _decode_inputs(self, request: pb.FindSimilarRequest, served: Served) -> tuple[np.ndarray, np.ndarray | None]:
+        if not request.HasField("inputs"):
+            raise RpcError(SC.INVALID_ARGUMENT, "inputs is missing; send the query examples as a Tensor")
+        X = from_tensor(request.inputs, "inputs", finite=True, min_ndim=1,
+                        dtypes=("float32", "float64", "float16"))
+        self._check_batch(X.shape[0], "inputs")
+        shape = served.info.get("input_shape")
+        if shape and tuple(X.shape[1:]) != tuple(shape):
+            raise RpcError(SC.INVALID_ARGUMENT,
+                           f"inputs has shape {list(X.shape)}; the index {served.name!r} expects "
+                           f"(batch, {', '.join(map(str, shape))})")
+        Y = None
+        if request.HasField("targets"):
+            Y = from_tensor(request.targets, "targets", finite=True, ndim=1)
+            if len(Y) != len(X):
+                raise RpcError(SC.INVALID_ARGUMENT,
+                               f"targets has {len(Y)} entries for {len(X)} inputs; send one target per input")
+            n_cls = served.info.get("num_classes")
+            if n_cls and Y.dtype.kind in "iu" and ((Y < 0).any() or (Y >= n_cls).any()):
+                raise RpcError(SC.INVALID_ARGUMENT, f"targets must be class ids in [0, {n_cls}), got {Y.tolist()}")
+        return X, Y
+
+    def _embed(self, served: Served, X: np.ndarray, Y: np.ndarray | None, context: grpc.ServicerContext,
+               timer: StageTimer) -> np.ndarray:
+        """Query vectors for a batch, chunk by chunk, checking the deadline between chunks."""
+        parts = []
+        for s in range(0, len(X), self.embed_chunk):
+            _alive(context, "gradient")
+            with served.engine_lock:  # the engine's layer hooks hold per-call state
+                parts.append(served.index.embed(X[s:s + self.embed_chunk],
+                                                None if Y is None else Y[s:s + self.embed_chunk]))
+        timer.mark("gradient")
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    # ---- models and indexes -------------------------------------------------------------------
+    def _index_pb(self, s: Served) -> tpb.IndexInfo:
+        i = s.info
+        known = {"name", "model", "kernel", "count", "dim", "gradient_dim", "projection", "faiss_kind",
+                 "status", "model_fingerprint", "recall", "labels", "splits"}
+        msg = tpb.IndexInfo(
+            name=s.name, model=str(i.get("model", "")), kernel=str(i.get("kernel", "")),
+            count=int(i.get("count", 0)), dim=int(i.get("dim", 0)), gradient_dim=int(i.get("gradient_dim", 0)),
+            projection=str(i.get("projection", "") or "none"), faiss_kind=str(i.get("faiss_kind", "")),
+            status=str(i.get("status", "ready")), model_fingerprint=str(i.get("model_fingerprint", "")),
+            generation=s.generation, labels=[int(v) for v in i.get("labels", []) or []],
+            splits=[str(v) for v in i.get("splits", []) or []])
+        if i.get("recall") is not None:
+            msg.recall = float(i["recall"])
+        msg.details.CopyFrom(_struct({k: v for k, v in i.items() if k not in known}))
+        return msg
+
+    def _models(self) -> dict[str, tpb.ModelInfo]:
+        models: dict[str, tpb.ModelInfo] = {}
+        for s in self.registry.all():
+            i = s.info
+            name = str(i.get("model", ""))
+            if name not in models:
+                models[name] = tpb.ModelInfo(
+                    name=name, framework=str(i.get("framework", "")),
+                    fingerprint=str(i.get("model_fingerprint", "")), task=str(i.get("task", "")),
+                    loss=str(i.get("loss", "")), class_names=[str(c) for c in i.get("class_names", []) or []],
+                    num_parameters=int(i.get("num_parameters", 0) or 0),
+                    input_shape=[int(v) for v in i.get("input_shape", []) or []],
+                    input_dtype=str(i.get("input_dtype", "")))
+            models[name].indexes.append(s.name)
+        return models
+
+    @_rpc
+    def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=list(self._models().values()))
+
+    @_rpc
+    def DescribeModel(self, request, context):
+        models = self._models()
+        if request.name not in models:
+            raise RpcError(SC.NOT_FOUND, f"model {request.name!r} is not served; served models: "
+                           f"{', '.join(sorted(models)) or 'none'} (see ListModels)")
+        return models[request.name]
+
+    @_rpc
+    def ListIndexes(self, request, context):
+        return pb.ListIndexesResponse(indexes=[self._index_pb(s) for s in self.registry.all()
+                                               if not request.model or s.info.get("model") == request.model])
+
+    @_rpc
+    def DescribeIndex(self, request, context):
+        return self._index_pb(self._served(request.name))
+
+    # ---- queries ----------------------------------------------------------------------------
+    @_rpc
+    def FindSimilar(self, request, context):
+        timer = StageTimer(self.metrics)
+        served = self._served(request.index)
+        k = self._check_k(request.k, served)
+        X, Y = self._decode_inputs(request, served)
+        timer.mark("decode")
+        if Y is None and served.info.get("task", "classification") == "classification":
+            _alive(context, "predict")
+            with served.engine_lock:
+                Y = served.index.resolve_targets(X)
+        Q = self._embed(served, X, Y, context, timer)
+        return self._search_and_respond(served, Q, k, _DIRECTIONS[request.direction],
+                                        self._filters(request.filter), request.include_data, context, timer,
+                                        targets=Y if Y is not None and Y.ndim == 1 else None)
+
+    @_rpc
+    def SearchByGradient(self, request, context):
+        timer = StageTimer(self.metrics)
+        served = self._served(request.index)
+        k = self._check_k(request.k, served)
+        if not request.HasField("gradients"):
+            raise RpcError(SC.INVALID_ARGUMENT, "gradients is missing; send a (batch, dim) Tensor")
+        G = from_tensor(request.gradients, "gradients", finite=True, ndim=2,
+                        dtypes=("float32", "float64", "float16"))
+        self._check_batch(G.shape[0], "gradients")
+        want = served.info.get("dim") if request.projected else served.info.get("gradient_dim")
+        if want and G.shape[1] != want:
+            raise RpcError(SC.INVALID_ARGUMENT,
+                           f"gradients has {G.shape[1]} columns; the index {served.name!r} expects {want} "
+                           f"({'projected' if request.projected else 'raw gradient'} dimension"
+                           f"{'' if request.projected else ', or set projected=true for projected vectors'})")
+        timer.mark("decode")
+        Q = served.index.embed_gradients(G, projected=request.projected)
+        timer.mark("projection")
+        return self._search_and_respond(served, Q, k, _DIRECTIONS[request.direction],
+                                        self._filters(request.filter), request.include_data, context, timer)
+
+    @_rpc
+    def GetExamples(self, request, context):
+        served = self._served(request.index)
+        ids = list(request.ids)
+        if not ids:
+            raise RpcError(SC.INVALID_ARGUMENT, "ids is empty; name at least one example id")
+        count = int(served.info.get("count", 0))
+        bad = [i for i in ids if not 0 <= i < count]
+        if bad:
+            raise RpcError(SC.NOT_FOUND, f"no example with id(s) {bad[:10]} in index {served.name!r} "
+                           f"(ids run from 0 to {count - 1})")
+        if len(ids) > self.max_k:
+            raise RpcError(SC.RESOURCE_EXHAUSTED, f"{len(ids)} ids requested, more than max_k={self.max_k}")
+        recs = self._records(served, np.asarray(ids), request.include_data)
+        return pb.GetExamplesResponse(examples=[recs[i] for i in ids])
+
+    @_rpc
+    def SelfInfluence(self, request, context):
+        served = self._served(request.index)
+        k = self._check_k(request.k, served)
+        scores, ids = served.index.self_influence_top(k, lowest=request.lowest)
+        recs = self._records(served, np.asarray(ids), request.include_data)
+        return pb.SelfInfluenceResponse(examples=[tpb.Neighbor(score=float(s), example=recs[int(i)])
+                                                  for s, i in zip(scores, ids)])
+
+    @_rpc
+    def ReloadIndex(self, request, context):
+        if not request.index:
+            raise RpcError(SC.INVALID_ARGUMENT, "index is empty; name the served index to reload")
+        served = self.registry.reload(request.index, request.from_index or None)
+        return self._index_pb(served)
+
+    # ---- explainers (hooks owned by explainers/) -----------------------------------------------
+    @_rpc
+    def ExplainAnchors(self, request, context):
+        raise RpcError(SC.UNIMPLEMENTED, "ExplainAnchors is not available on this server yet")
+
+    @_rpc
+    def ExplainPair(self, request, context):
+        raise RpcError(SC.UNIMPLEMENTED, "ExplainPair is not available on this server yet")
