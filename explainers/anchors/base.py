@@ -1,0 +1,526 @@
+"""KL-LUCB beam search for anchors (Ribeiro et al. 2018), shared by the tabular, text and image explainers.
+
+The search is a port of the algorithm in alibi 0.9.6 (``AnchorBaseBeam``), with the same knobs and
+defaults, and with three deliberate differences:
+
+* **No global state.** Every ``explain`` call owns its search state and a local
+  ``np.random.Generator``; nothing calls ``np.random.seed``. Explanations running in parallel
+  threads are therefore independent, and the same seed gives the same anchor.
+* **Batched predictor calls.** Wherever the algorithm samples several candidate anchors at once
+  (the first samples of every candidate, the two critical arms of each KL-LUCB round, the arms
+  that still need samples to certify precision), the perturbed samples of all of them go to the
+  predictor in ONE call. The statistics are identical to sampling them one by one; the predictor's
+  per-call overhead (a scikit-learn forest spends milliseconds per call) is paid once.
+* **Ties are broken by coverage.** When two arms have exactly the same empirical precision, the one
+  with the larger coverage ranks higher, which is what the paper's objective (maximise coverage under
+  the precision constraint) asks for; alibi breaks such ties by candidate order.
+
+A *sampler* supplies the data modality: :class:`Sampler` below is the protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: The search knobs and their alibi 0.9.6 defaults (``stop_on_first`` is True for text).
+SEARCH_DEFAULTS: dict[str, Any] = dict(
+    threshold=0.95,
+    delta=0.1,
+    tau=0.15,
+    batch_size=100,
+    coverage_samples=10000,
+    beam_size=1,
+    stop_on_first=False,
+    max_anchor_size=None,
+    min_samples_start=100,
+    n_covered_ex=10,
+    binary_cache_size=10000,
+    cache_margin=1000,
+)
+
+PREDICTOR_TYPES = ("class", "proba")
+
+
+# --------------------------------------------------------------------------------------------------
+# Explanation
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Explanation:
+    """An explanation: ``meta`` (explainer name, type, parameters) and ``data`` (the results).
+
+    Like alibi's ``Explanation``, every key of ``data`` is also an attribute, so ``exp.anchor``,
+    ``exp.precision``, ``exp.coverage`` and ``exp.raw`` work as they do in alibi. Nothing in it is
+    anchor-specific, so other explainers can return it too.
+    """
+
+    meta: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails; guard the dataclass fields against recursion
+        if name in ("meta", "data"):
+            raise AttributeError(name)
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no attribute or data key {name!r}") from None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def to_dict(self) -> dict:
+        """Plain ``{'meta': ..., 'data': ...}`` (arrays stay arrays)."""
+        return {"meta": self.meta, "data": self.data}
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictor wrapper
+# --------------------------------------------------------------------------------------------------
+class Predictor:
+    """Calls the user's predictor and turns its output into class labels, as *declared*.
+
+    ``predictor_type='class'``: the predictor returns one label per row (shape ``(n,)``).
+    ``predictor_type='proba'``: it returns scores of shape ``(n, n_classes)``; the label is the argmax.
+    A mismatch raises ``ValueError`` instead of being silently guessed (alibi probes a zero input
+    and decides from the output shape, which misreads e.g. a 1-class or 1-row output).
+    It also counts calls and rows, thread-safely, for benchmarks.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], predictor_type: str = "class") -> None:
+        if not callable(fn):
+            raise TypeError(f"predictor must be callable, got {type(fn).__name__}")
+        if predictor_type not in PREDICTOR_TYPES:
+            raise ValueError(f"predictor_type must be one of {PREDICTOR_TYPES}, got {predictor_type!r}")
+        self.fn = fn
+        self.predictor_type = predictor_type
+        self.calls = 0
+        self.rows = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, x: Any) -> np.ndarray:
+        n = len(x)
+        out = np.asarray(self.fn(x))
+        with self._lock:
+            self.calls += 1
+            self.rows += n
+        if self.predictor_type == "class":
+            if out.ndim == 2 and out.shape[1] == 1:
+                out = out[:, 0]
+            if out.ndim != 1 or out.shape[0] != n:
+                raise ValueError(
+                    f"predictor_type='class' expects the predictor to return {n} labels of shape ({n},), "
+                    f"got shape {out.shape}; pass predictor_type='proba' if it returns class scores")
+            return out
+        if out.ndim != 2 or out.shape[0] != n:
+            raise ValueError(
+                f"predictor_type='proba' expects the predictor to return scores of shape ({n}, n_classes), "
+                f"got shape {out.shape}; pass predictor_type='class' if it returns labels")
+        return out.argmax(axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler protocol
+# --------------------------------------------------------------------------------------------------
+class Sampler(Protocol):
+    """What the search needs from a data modality.
+
+    Features are indexed ``0..n_features-1`` (tabular predicates, words, superpixels).
+    """
+
+    n_features: int
+
+    def perturb(self, anchor: tuple[int, ...], n: int, rng: np.random.Generator) -> tuple[Any, np.ndarray]:
+        """Draw ``n`` perturbed inputs on which ``anchor`` holds.
+
+        Returns ``(raw, data)``: ``raw`` the inputs in the predictor's format (an array whose first
+        axis is the sample), ``data`` a bool array ``(n, n_features)``: feature j holds in sample i.
+        """
+
+    def coverage_data(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Bool ``(n, n_features)`` for ``n`` draws from the unconditioned perturbation distribution."""
+
+    def labels(self, raw: Any) -> np.ndarray:
+        """Bool: the predictor's label on each row of ``raw`` equals the instance's label."""
+
+    def concat(self, raws: Sequence[Any]) -> Any:
+        """Concatenate several ``raw`` batches along the sample axis (one predictor call)."""
+
+    def examples(self, raw: Any) -> Any:
+        """Turn up to ``n_covered_ex`` raw samples into the form stored in the explanation."""
+
+
+# --------------------------------------------------------------------------------------------------
+# KL bounds
+# --------------------------------------------------------------------------------------------------
+def kl_bernoulli(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL divergence between Bernoulli(p) and Bernoulli(q), elementwise (clipped as alibi does)."""
+    m = np.clip(p, 1e-7, 1 - 1e-16)
+    n = np.clip(q, 1e-7, 1 - 1e-16)
+    return m * np.log(m / n) + (1.0 - m) * np.log((1.0 - m) / (1.0 - n))
+
+
+def dup_bernoulli(p: np.ndarray, level: np.ndarray, n_iter: int = 17) -> np.ndarray:
+    """Upper confidence bound: largest q >= p with KL(p, q) <= level (bisection)."""
+    p = np.asarray(p, dtype=float)
+    lm = p.copy()
+    um = np.minimum(p + np.sqrt(level / 2.0), 1.0)
+    for _ in range(1, n_iter):
+        qm = (um + lm) / 2.0
+        gt = kl_bernoulli(p, qm) > level
+        um = np.where(gt, qm, um)
+        lm = np.where(gt, lm, qm)
+    return um
+
+
+def dlow_bernoulli(p: np.ndarray, level: np.ndarray, n_iter: int = 17) -> np.ndarray:
+    """Lower confidence bound: smallest q <= p with KL(p, q) <= level (bisection)."""
+    p = np.asarray(p, dtype=float)
+    um = p.copy()
+    lm = np.clip(p - np.sqrt(level / 2.0), 0.0, 1.0)
+    for _ in range(1, n_iter):
+        qm = (um + lm) / 2.0
+        gt = kl_bernoulli(p, qm) > level
+        lm = np.where(gt, qm, lm)
+        um = np.where(gt, um, qm)
+    return lm
+
+
+def compute_beta(n_arms: int, t: int, delta: float) -> float:
+    """Exploration rate of KL-LUCB (Kaufmann & Kalyanakrishnan 2013, constants as in their experiments)."""
+    alpha, k = 1.1, 405.5
+    temp = np.log(k * n_arms * (t ** alpha) / delta)
+    return float(temp + np.log(temp))
+
+
+# --------------------------------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------------------------------
+def _rank(means: np.ndarray, coverages: np.ndarray) -> np.ndarray:
+    """Indices sorted ascending by precision, ties broken by coverage (then by index, stably)."""
+    return np.lexsort((coverages, means))
+
+
+class AnchorSearch:
+    """State and procedure of one anchor search. Create one per ``explain`` call (not thread-shared)."""
+
+    def __init__(self, sampler: Sampler, rng: np.random.Generator, batch_size: int = 100,
+                 n_covered_ex: int = 10, binary_cache_size: int = 10000, cache_margin: int = 1000) -> None:
+        if binary_cache_size < 1:
+            raise ValueError(f"binary_cache_size must be >= 1, got {binary_cache_size}")
+        self.sampler = sampler
+        self.rng = rng
+        self.n_covered_ex = int(n_covered_ex)
+        self.margin = int(cache_margin)
+        self.n_features = int(sampler.n_features)
+        # the binary cache: alibi pre-allocates binary_cache_size batches; np.zeros is lazily
+        # committed memory, so untouched rows cost nothing.
+        self.prealloc = int(batch_size) * int(binary_cache_size)
+        self.data = np.zeros((self.prealloc, self.n_features), dtype=bool)
+        self.labels = np.zeros(self.prealloc, dtype=bool)
+        self.current = 0
+        self.coverage_data: np.ndarray | None = None
+        # per-anchor statistics, keyed by the sorted tuple of feature indices
+        self.t_idx: dict[tuple, list[np.ndarray]] = {}
+        self.t_nsamples: dict[tuple, float] = {}
+        self.t_positives: dict[tuple, float] = {}
+        self.t_cov_mask: dict[tuple, np.ndarray] = {}
+        self.t_coverage: dict[tuple, float] = {}
+        self.t_covered_true: dict[tuple, Any] = {}
+        self.t_covered_false: dict[tuple, Any] = {}
+        self.t_order: dict[tuple, list[int]] = {(): []}
+
+    # ---- state ----------------------------------------------------------------------------------
+    def _idx(self, anchor: tuple) -> np.ndarray:
+        parts = self.t_idx.get(anchor)
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        if len(parts) > 1:
+            self.t_idx[anchor] = [np.concatenate(parts)]
+        return self.t_idx[anchor][0]
+
+    def _ensure_capacity(self, n: int) -> None:
+        if self.current + n >= self.data.shape[0] - max(self.margin, 0):
+            extra = max(self.prealloc, n + self.margin)
+            self.data = np.concatenate([self.data, np.zeros((extra, self.n_features), dtype=bool)])
+            self.labels = np.concatenate([self.labels, np.zeros(extra, dtype=bool)])
+
+    def draw_samples(self, anchors: list[tuple], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ``batch_size`` perturbations for each anchor, label all in one predictor call."""
+        for a in anchors:
+            if a not in self.t_order:
+                self.t_order[a] = list(a)
+        raws, datas = [], []
+        for a in anchors:
+            raw, data = self.sampler.perturb(tuple(self.t_order[a]), batch_size, self.rng)
+            raws.append(raw)
+            datas.append(np.asarray(data, dtype=bool))
+        labels = self.sampler.labels(self.sampler.concat(raws) if len(raws) > 1 else raws[0])
+        pos = np.zeros(len(anchors))
+        tot = np.zeros(len(anchors))
+        off = 0
+        for i, (a, raw, data) in enumerate(zip(anchors, raws, datas)):
+            n = data.shape[0]
+            lab = labels[off:off + n]
+            off += n
+            self._ensure_capacity(n)
+            rows = np.arange(self.current, self.current + n)
+            self.data[rows] = data
+            self.labels[rows] = lab
+            self.current += n
+            self.t_idx.setdefault(a, []).append(rows)
+            self.t_nsamples[a] = self.t_nsamples.get(a, 0.0) + n
+            self.t_positives[a] = self.t_positives.get(a, 0.0) + float(lab.sum())
+            self.t_covered_true[a] = self.sampler.examples(raw[np.nonzero(lab)[0][:self.n_covered_ex]])
+            self.t_covered_false[a] = self.sampler.examples(raw[np.nonzero(~lab)[0][:self.n_covered_ex]])
+            pos[i], tot[i] = lab.sum(), n
+        return pos, tot
+
+    def propose_anchors(self, previous_best: list[tuple]) -> list[tuple]:
+        """Extend each anchor of the previous beam by one feature; initialise their statistics from the cache."""
+        data = self.data[:self.current]
+        labels = self.labels[:self.current]
+        cov = self.coverage_data
+        assert cov is not None
+        if not previous_best:
+            out = []
+            for f in range(self.n_features):
+                t = (f,)
+                pres = np.nonzero(data[:, f])[0]
+                self.t_idx[t] = [pres]
+                self.t_nsamples[t] = float(len(pres))
+                self.t_positives[t] = float(labels[pres].sum())
+                self.t_order[t] = [f]
+                self.t_cov_mask[t] = cov[:, f]
+                self.t_coverage[t] = float(cov[:, f].mean())
+                out.append(t)
+            return out
+        new: list[tuple] = []
+        seen: set[tuple] = set()
+        for f in range(self.n_features):
+            for t in previous_best:
+                nt = tuple(sorted(set(t + (f,))))
+                if len(nt) != len(t) + 1 or nt in seen:
+                    continue
+                seen.add(nt)
+                new.append(nt)
+                self.t_order[nt] = list(self.t_order[t]) + [f]
+                mask = self.t_cov_mask[t] & cov[:, f]
+                self.t_cov_mask[nt] = mask
+                self.t_coverage[nt] = float(mask.mean())
+                tidx = self._idx(t)
+                present = tidx[data[tidx, f]]
+                self.t_idx[nt] = [present]
+                self.t_nsamples[nt] = float(len(present))
+                self.t_positives[nt] = float(labels[present].sum())
+        return new
+
+    def _stats(self, anchors: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = np.array([self.t_nsamples.get(a, 0.0) for a in anchors])
+        p = np.array([self.t_positives.get(a, 0.0) for a in anchors])
+        c = np.array([self.t_coverage.get(a, 0.0) for a in anchors])
+        return n, p, c
+
+    # ---- KL-LUCB ----------------------------------------------------------------------------------
+    def kllucb(self, anchors: list[tuple], epsilon: float, delta: float, batch_size: int, top_n: int
+               ) -> np.ndarray:
+        """Indices of the ``top_n`` anchors of highest precision, within ``epsilon``, w.p. 1 - delta."""
+        n_samples, positives, coverages = self._stats(anchors)
+        zero = np.nonzero(n_samples == 0)[0]
+        if len(zero):
+            pos, tot = self.draw_samples([anchors[i] for i in zero], 1)
+            positives[zero] += pos
+            n_samples[zero] += tot
+        n_arms = len(anchors)
+        if n_arms == top_n:
+            return np.arange(n_arms)
+        means = positives / n_samples
+        ub, lb = np.zeros(n_arms), np.zeros(n_arms)
+        t = 1
+
+        def critical(t: int) -> tuple[int, int]:
+            order = _rank(means, coverages)
+            beta = compute_beta(n_arms, t, delta)
+            J, not_J = order[-top_n:], order[:-top_n]
+            ub[not_J] = dup_bernoulli(means[not_J], beta / n_samples[not_J])
+            lb[J] = dlow_bernoulli(means[J], beta / n_samples[J])
+            return int(not_J[np.argmax(ub[not_J])]), int(J[np.argmin(lb[J])])
+
+        ut, lt = critical(t)
+        while ub[ut] - lb[lt] > epsilon:
+            idx = [ut, lt]
+            pos, tot = self.draw_samples([anchors[i] for i in idx], batch_size)
+            positives[idx] += pos
+            n_samples[idx] += tot
+            means = positives / n_samples
+            t += 1
+            ut, lt = critical(t)
+        return _rank(means, coverages)[-top_n:]
+
+    # ---- beam search ------------------------------------------------------------------------------
+    def anchor_beam(self, delta: float = 0.1, epsilon: float = 0.15, desired_confidence: float = 0.95,
+                    beam_size: int = 1, epsilon_stop: float = 0.05, min_samples_start: int = 100,
+                    max_anchor_size: int | None = None, stop_on_first: bool = False, batch_size: int = 100,
+                    coverage_samples: int = 10000) -> dict:
+        """Beam search over anchors with KL-LUCB arm selection (Ribeiro et al. 2018, Algorithm 2)."""
+        self.coverage_data = np.asarray(self.sampler.coverage_data(coverage_samples, self.rng), dtype=bool)
+        (pos,), (total,) = self.draw_samples([()], min_samples_start)
+        mean = pos / total
+        beta = np.log(1.0 / delta)
+        lb = dlow_bernoulli(np.array([mean]), np.array([beta / total]))[0]
+        while mean > desired_confidence and lb < desired_confidence - epsilon:
+            (n_pos,), (n_total,) = self.draw_samples([()], batch_size)
+            pos += n_pos
+            total += n_total
+            mean = pos / total
+            lb = dlow_bernoulli(np.array([mean]), np.array([beta / total]))[0]
+        if lb > desired_confidence:
+            return {"feature": [], "mean": [], "precision": [], "coverage": [], "examples": [],
+                    "all_precision": float(mean), "num_preds": int(total), "success": True}
+
+        current_size, best_coverage = 1, -1.0
+        best_of_size: dict[int, list[tuple]] = {0: []}
+        best_anchor: tuple = ()
+        if max_anchor_size is None:
+            max_anchor_size = self.n_features
+        while current_size <= max_anchor_size:
+            anchors = self.propose_anchors(best_of_size[current_size - 1])
+            anchors = [a for a in anchors if self.t_coverage[a] > best_coverage]
+            if not anchors:
+                break
+            cand = self.kllucb(anchors, epsilon, delta, batch_size, min(beam_size, len(anchors)))
+            best_of_size[current_size] = [anchors[i] for i in cand]
+            beam = best_of_size[current_size]
+            n_samples, positives, coverages = self._stats(beam)
+            beta = np.log(1.0 / (delta / (1 + (beam_size - 1) * self.n_features)))
+            means = positives / n_samples
+            lbs = dlow_bernoulli(means, beta / n_samples)
+            ubs = dup_bernoulli(means, beta / n_samples)
+
+            def to_sample() -> np.ndarray:
+                return (((means >= desired_confidence) & (lbs < desired_confidence - epsilon_stop))
+                        | ((means < desired_confidence) & (ubs >= desired_confidence + epsilon_stop)))
+
+            cont = to_sample()
+            while cont.any():
+                sel = np.nonzero(cont)[0]
+                pos_, tot_ = self.draw_samples([beam[i] for i in sel], batch_size)
+                positives[sel] += pos_
+                n_samples[sel] += tot_
+                means[sel] = positives[sel] / n_samples[sel]
+                lbs[sel] = dlow_bernoulli(means[sel], beta / n_samples[sel])
+                ubs[sel] = dup_bernoulli(means[sel], beta / n_samples[sel])
+                cont = to_sample()
+            valid = (means >= desired_confidence) & (lbs > desired_confidence - epsilon_stop)
+            better = np.nonzero(valid & (coverages > best_coverage))[0]
+            if better.size:
+                b = better[np.argmax(coverages[better])]
+                best_coverage = float(coverages[b])
+                best_anchor = beam[b]
+                if best_coverage == 1.0 or stop_on_first:
+                    break
+            current_size += 1
+
+        success = bool(best_anchor)
+        if not success:
+            logger.warning("Could not find an anchor satisfying the %s precision constraint; returning the "
+                           "best non-eligible anchor.", desired_confidence)
+            pool: list[tuple] = []
+            for i in range(0, current_size):
+                pool.extend(best_of_size.get(i, []))
+            if pool:
+                best_anchor = pool[int(self.kllucb(pool, epsilon, delta, batch_size, 1)[0])]
+        return self.metadata(best_anchor, success, batch_size)
+
+    def metadata(self, features: tuple, success: bool, batch_size: int) -> dict:
+        """Per-step precision, coverage and examples of the partial anchors, in the order features were added."""
+        out: dict = {"feature": [], "mean": [], "precision": [], "coverage": [], "examples": [],
+                     "all_precision": 0, "num_preds": int(self.current), "success": success}
+        order = self.t_order.get(features, list(features))
+        partials: list[tuple] = []
+        cur: tuple = ()
+        for f in order:
+            cur = tuple(sorted(set(cur + (f,))))
+            partials.append(cur)
+        missing = [p for p in partials if p not in self.t_covered_true]
+        for p in missing:  # partial anchors never sampled directly: sample once to get examples
+            self.t_order[p] = list(p)
+        if missing:
+            self.draw_samples(missing, batch_size)
+        cov = self.coverage_data
+        for f, p in zip(order, partials):
+            mean = self.t_positives[p] / self.t_nsamples[p]
+            if p not in self.t_coverage and cov is not None:
+                self.t_coverage[p] = float(cov[:, list(p)].all(axis=1).mean())
+            out["feature"].append(f)
+            out["mean"].append(mean)
+            out["precision"].append(mean)
+            out["coverage"].append(self.t_coverage[p])
+            out["examples"].append({"covered_true": self.t_covered_true[p],
+                                    "covered_false": self.t_covered_false[p],
+                                    "uncovered_true": np.array([]), "uncovered_false": np.array([])})
+        out["num_preds"] = int(self.current)
+        return out
+
+
+def validate_search_params(threshold: float, delta: float, tau: float, batch_size: int, coverage_samples: int,
+                           beam_size: int, max_anchor_size: int | None, min_samples_start: int,
+                           n_covered_ex: int, binary_cache_size: int, cache_margin: int) -> None:
+    """Raise ``ValueError`` naming the parameter when a search knob is out of range."""
+    def num(name: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+        return float(v)
+
+    if not 0.0 < num("threshold", threshold) <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if not 0.0 < num("delta", delta) < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not 0.0 < num("tau", tau) < 1.0:
+        raise ValueError(f"tau must be in (0, 1), got {tau}")
+    for name, v in (("batch_size", batch_size), ("coverage_samples", coverage_samples),
+                    ("beam_size", beam_size), ("min_samples_start", min_samples_start),
+                    ("binary_cache_size", binary_cache_size)):
+        if num(name, v) < 1 or int(v) != v:
+            raise ValueError(f"{name} must be a positive integer, got {v}")
+    for name, v in (("n_covered_ex", n_covered_ex), ("cache_margin", cache_margin)):
+        if num(name, v) < 0 or int(v) != v:
+            raise ValueError(f"{name} must be a non-negative integer, got {v}")
+    if max_anchor_size is not None and (num("max_anchor_size", max_anchor_size) < 1
+                                        or int(max_anchor_size) != max_anchor_size):
+        raise ValueError(f"max_anchor_size must be None or a positive integer, got {max_anchor_size}")
+
+
+def run_search(sampler: Sampler, seed: int | None, *, threshold: float, delta: float, tau: float,
+               batch_size: int, coverage_samples: int, beam_size: int, stop_on_first: bool,
+               max_anchor_size: int | None, min_samples_start: int, n_covered_ex: int,
+               binary_cache_size: int, cache_margin: int, rng: np.random.Generator | None = None) -> dict:
+    """Validate the knobs, make the local generator, run the beam search; return alibi's raw result dict."""
+    validate_search_params(threshold, delta, tau, batch_size, coverage_samples, beam_size, max_anchor_size,
+                           min_samples_start, n_covered_ex, binary_cache_size, cache_margin)
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    search = AnchorSearch(sampler, rng, batch_size=int(batch_size), n_covered_ex=n_covered_ex,
+                          binary_cache_size=int(binary_cache_size), cache_margin=int(cache_margin))
+    return search.anchor_beam(delta=delta, epsilon=tau, desired_confidence=threshold, beam_size=int(beam_size),
+                              min_samples_start=int(min_samples_start), max_anchor_size=max_anchor_size,
+                              stop_on_first=bool(stop_on_first), batch_size=int(batch_size),
+                              coverage_samples=int(coverage_samples))
+
+
+def summary_precision_coverage(result: dict) -> tuple[float, float]:
+    """The anchor's precision and coverage as alibi reports them (empty anchor: all_precision and 1)."""
+    if result["precision"]:
+        return float(result["precision"][-1]), float(result["coverage"][-1])
+    return float(result["all_precision"]), 1.0
+
+
+def explainer_meta(name: str, params: dict) -> dict:
+    """alibi-style ``meta`` dict."""
+    return {"name": name, "type": ["blackbox"], "explanations": ["local"], "params": dict(params),
+            "version": "gradindex-anchors-1"}
