@@ -1,0 +1,224 @@
+"""AnchorImage: anchors over superpixels, a drop-in for alibi 0.9.6's ``AnchorImage``.
+
+The image is segmented into superpixels (scikit-image's slic, felzenszwalb or quickshift, or a
+custom function); a perturbed sample keeps each superpixel with probability ``1 - p_sample`` (always,
+for the anchor's superpixels) and replaces the others by the superpixel's mean colour or by the same
+pixels of a random background image. Perturbation is vectorised: one fancy-indexing pass builds the
+whole batch (alibi loops over samples and superpixels in Python).
+
+Segment labels are always renumbered ``0..K-1`` in order of appearance of their value, whatever the
+segmentation function returns: with scikit-image >= 0.19 ``slic`` starts at 1 unless told otherwise,
+and alibi, which uses raw labels as column indices, then never perturbs one superpixel (alibi #748).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .base import Explanation, Predictor, explainer_meta, run_search, summary_precision_coverage
+
+DEFAULT_SEGMENTATION_KWARGS: dict[str, dict] = {
+    "felzenszwalb": {},
+    "quickshift": {},
+    "slic": {"n_segments": 10, "compactness": 10, "sigma": 0.5, "start_label": 0},
+}
+SEGMENTATION_FNS = tuple(DEFAULT_SEGMENTATION_KWARGS)
+
+
+def scale_image(image: np.ndarray, scale: tuple = (0, 255)) -> np.ndarray:
+    """Min-max scale to ``scale`` (as alibi does for stored examples and the masked image)."""
+    lo, hi = float(image.min()), float(image.max())
+    if hi == lo:
+        return np.full(image.shape, scale[0], dtype=float)
+    return (image - lo) / (hi - lo) * (scale[1] - scale[0]) + scale[0]
+
+
+def _builtin_segmentation(name: str, kwargs: Mapping[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+    from skimage import segmentation as seg
+
+    fn = {"felzenszwalb": seg.felzenszwalb, "slic": seg.slic, "quickshift": seg.quickshift}[name]
+    return partial(fn, **dict(kwargs))
+
+
+class ImageSampler:
+    """Superpixel perturbations of one image."""
+
+    def __init__(self, image: np.ndarray, segments: np.ndarray, label: Any, predictor: Callable, p_sample: float,
+                 images_background: np.ndarray | None) -> None:
+        self.image = image
+        self.segments = segments
+        self.label = label
+        self.predictor = predictor
+        self.p_sample = p_sample
+        self.background = images_background
+        self.n_features = int(segments.max()) + 1
+        flat = segments.reshape(-1)
+        counts = np.bincount(flat, minlength=self.n_features).astype(np.float64)
+        pix = image.reshape(len(flat), -1).astype(np.float64)
+        means = np.stack([np.bincount(flat, weights=pix[:, c], minlength=self.n_features)
+                          for c in range(pix.shape[1])], axis=1) / counts[:, None]
+        self.fudged = means[flat].reshape(image.shape).astype(image.dtype)
+
+    def _masks(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.random((n, self.n_features)) >= self.p_sample  # True: superpixel kept
+
+    def perturb(self, anchor: tuple[int, ...], n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        keep = self._masks(n, rng)
+        if anchor:
+            keep[:, list(anchor)] = True
+        pix_keep = keep[:, self.segments]  # (n, H, W)
+        pix_keep = pix_keep.reshape(pix_keep.shape + (1,) * (self.image.ndim - self.segments.ndim))
+        if self.background is not None:
+            fill = self.background[rng.integers(0, len(self.background), size=n)]
+        else:
+            fill = self.fudged[None]
+        return np.where(pix_keep, self.image[None], fill), keep
+
+    def coverage_data(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return self._masks(n, rng)
+
+    def labels(self, raw: np.ndarray) -> np.ndarray:
+        return self.predictor(raw) == self.label
+
+    def concat(self, raws: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(raws)
+
+    def examples(self, raw: np.ndarray) -> list[np.ndarray]:
+        return [scale_image(img) for img in raw]
+
+
+class AnchorImage:
+    """Anchors for image classifiers (drop-in for ``alibi.explainers.AnchorImage``).
+
+    Parameters
+    ----------
+    predictor
+        Callable on a batch of images ``(n,) + image_shape`` (channel-last, as alibi).
+    image_shape
+        Shape of one image, e.g. ``(28, 28, 1)``.
+    dtype
+        dtype of the batches passed to the predictor.
+    segmentation_fn
+        ``'slic'``, ``'felzenszwalb'``, ``'quickshift'`` or a callable ``image -> int labels (H, W)``.
+    segmentation_kwargs
+        Keyword arguments of the built-in segmentation (defaults as alibi's).
+    images_background
+        Optional ``(m,) + image_shape`` images whose pixels replace the perturbed superpixels.
+    seed
+        Default seed of ``explain``.
+    predictor_type
+        ``'class'`` (labels ``(n,)``) or ``'proba'`` (scores ``(n, n_classes)``): declared, not probed.
+    """
+
+    def __init__(self, predictor: Callable[[np.ndarray], np.ndarray], image_shape: tuple, dtype: Any = np.float32,
+                 segmentation_fn: Any = "slic", segmentation_kwargs: dict | None = None,
+                 images_background: np.ndarray | None = None, seed: int | None = None,
+                 predictor_type: str = "class") -> None:
+        self.image_shape = tuple(int(s) for s in image_shape)
+        if len(self.image_shape) not in (2, 3) or min(self.image_shape) < 1:
+            raise ValueError(f"image_shape must be (H, W) or (H, W, C), got {image_shape}")
+        self.dtype = dtype
+        self.predictor_type = predictor_type
+        self.predictor = Predictor(predictor, predictor_type)
+        if callable(segmentation_fn):
+            self.custom_segmentation = True
+            self.segmentation_fn = segmentation_fn
+            seg_name = "custom"
+        elif isinstance(segmentation_fn, str):
+            if segmentation_fn not in SEGMENTATION_FNS:
+                raise ValueError(f"segmentation_fn must be one of {SEGMENTATION_FNS} or a callable, "
+                                 f"got {segmentation_fn!r}")
+            if segmentation_kwargs is None:
+                segmentation_kwargs = dict(DEFAULT_SEGMENTATION_KWARGS[segmentation_fn])
+            self.custom_segmentation = False
+            self.segmentation_fn = _builtin_segmentation(segmentation_fn, segmentation_kwargs)
+            seg_name = segmentation_fn
+        else:
+            raise TypeError(f"segmentation_fn must be a name or a callable, got {type(segmentation_fn).__name__}")
+        if images_background is not None:
+            images_background = np.asarray(images_background)
+            if images_background.ndim != len(self.image_shape) + 1 or \
+                    tuple(images_background.shape[1:]) != self.image_shape:
+                raise ValueError(f"images_background must have shape (m,) + {self.image_shape}, "
+                                 f"got {images_background.shape}")
+        self.images_background = images_background
+        self.seed = seed
+        self.p_sample = 0.5
+        self.meta = explainer_meta("AnchorImage", {
+            "custom_segmentation": self.custom_segmentation, "segmentation_fn": seg_name,
+            "segmentation_kwargs": segmentation_kwargs, "seed": seed, "image_shape": self.image_shape,
+            "predictor_type": predictor_type})
+
+    def generate_superpixels(self, image: np.ndarray) -> np.ndarray:
+        """Segment ``image``; labels renumbered to ``0..K-1`` (see the module note on slic's start_label)."""
+        img = np.asarray(image)
+        if not self.custom_segmentation and img.ndim == 3 and img.shape[-1] == 1:
+            img = np.repeat(img, 3, axis=2)
+        seg = np.asarray(self.segmentation_fn(img))
+        if seg.shape != tuple(image.shape[:2]):
+            raise ValueError(f"segmentation returned shape {seg.shape}, expected {tuple(image.shape[:2])}")
+        _, inv = np.unique(seg, return_inverse=True)
+        return inv.reshape(seg.shape).astype(np.int64)
+
+    def explain(self, image: np.ndarray, p_sample: float = 0.5, threshold: float = 0.95, delta: float = 0.1,
+                tau: float = 0.15, batch_size: int = 100, coverage_samples: int = 10000, beam_size: int = 1,
+                stop_on_first: bool = False, max_anchor_size: int | None = None, min_samples_start: int = 100,
+                n_covered_ex: int = 10, binary_cache_size: int = 10000, cache_margin: int = 1000,
+                verbose: bool = False, verbose_every: int = 1, seed: int | None = None,
+                segments: np.ndarray | None = None, **kwargs: Any) -> Explanation:
+        """Explain the prediction on one image (``image_shape``).
+
+        ``p_sample``: probability that a superpixel outside the anchor is perturbed (also used for
+        the coverage samples). ``segments``: optional precomputed superpixel labels (H, W).
+        """
+        image = np.asarray(image)
+        if tuple(image.shape) != self.image_shape:
+            raise ValueError(f"image must have shape {self.image_shape}, got {image.shape}")
+        if not np.all(np.isfinite(image)):
+            raise ValueError("image contains NaN or infinite values")
+        if not 0.0 <= float(p_sample) <= 1.0:
+            raise ValueError(f"p_sample must be in [0, 1], got {p_sample}")
+        if segments is None:
+            segs = self.generate_superpixels(image)
+        else:
+            segs = np.asarray(segments)
+            if segs.shape != image.shape[:2]:
+                raise ValueError(f"segments must have shape {image.shape[:2]}, got {segs.shape}")
+            segs = np.unique(segs, return_inverse=True)[1].reshape(segs.shape).astype(np.int64)
+        image = image.astype(self.dtype, copy=False)
+        label = self.predictor(image[None])[0]
+        sampler = ImageSampler(image, segs, label, self.predictor, float(p_sample), self.images_background)
+        params = dict(threshold=threshold, delta=delta, tau=tau, batch_size=batch_size,
+                      coverage_samples=coverage_samples, beam_size=beam_size, stop_on_first=stop_on_first,
+                      max_anchor_size=max_anchor_size, min_samples_start=min_samples_start,
+                      n_covered_ex=n_covered_ex, binary_cache_size=binary_cache_size, cache_margin=cache_margin)
+        use_seed = self.seed if seed is None else seed
+        result = run_search(sampler, use_seed, **params)
+        raw = dict(result)
+        raw["instance"] = image
+        raw["instances"] = image[None]
+        raw["prediction"] = np.array([label])
+        raw["segments_in_anchor"] = list(result["feature"])
+        precision, coverage = summary_precision_coverage(result)
+        data = dict(anchor=self.overlay_mask(image, segs, result["feature"]), segments=segs,
+                    precision=precision, coverage=coverage, raw=raw)
+        meta = copy.deepcopy(self.meta)
+        meta["params"].update(params, p_sample=p_sample, seed=use_seed)
+        return Explanation(meta=meta, data=data)
+
+    @staticmethod
+    def overlay_mask(image: np.ndarray, segments: np.ndarray, mask_features: Sequence[int],
+                     scale: tuple = (0, 255)) -> np.ndarray:
+        """The image scaled to ``scale`` with every superpixel outside the anchor set to 0 (int)."""
+        mask = np.isin(segments, list(mask_features))
+        img = scale_image(image, scale=scale)
+        if img.ndim == 3:
+            mask = mask[..., None]
+        return (img * mask).astype(int)
+
+
+__all__ = ["AnchorImage", "ImageSampler", "DEFAULT_SEGMENTATION_KWARGS"]
