@@ -317,7 +317,8 @@ def _build(cfg: BuildConfig, cat: Catalog, dataset: Any, resume: bool, replace: 
                            layout=layout, faiss_kind=cfg.faiss.kind, faiss_params=cfg.faiss.to_dict(),
                            dim=emb.dim, status="building", fingerprint=fp,
                            config={"build": cfg.to_json(), "key": json.loads(json.dumps(key)),
-                                   "replace": bool(replace)})
+                                   "replace": bool(replace),
+                                   "input_shape": [int(v) for v in np.asarray(Xp).shape[1:]]})
             s.add(row)
             s.flush()
             n_total = len(ds) if isinstance(ds, ArrayDataset) else (ds.n or 0)
