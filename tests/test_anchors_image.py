@@ -1,0 +1,147 @@
+"""AnchorImage against a model keyed on one patch: the anchor must be that patch's segments."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from explainers.anchors import AnchorImage
+
+FAST = dict(coverage_samples=1000)
+
+
+def make_image(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = (rng.random((28, 28, 1)) * 0.1).astype(np.float32)
+    img[0:14, 7:14, 0] = (np.indices((14, 7)).sum(0) % 2).astype(np.float32)  # checkerboard patch
+    return img
+
+
+IMG = make_image()
+
+
+def grid(image: np.ndarray, size: int = 7) -> np.ndarray:
+    """4x4 grid of 7x7 superpixels; labels start at 1 on purpose (must be renumbered)."""
+    r, c = np.indices(image.shape[:2])
+    return (r // size) * (image.shape[1] // size) + c // size + 1
+
+
+def keyed(X: np.ndarray) -> np.ndarray:
+    """1 iff the patch rows 0-13, cols 7-13 is textured in both of its grid cells."""
+    a = X[:, 0:7, 7:14, 0].std(axis=(1, 2))
+    b = X[:, 7:14, 7:14, 0].std(axis=(1, 2))
+    return ((a > 0.3) & (b > 0.3)).astype(np.int64)
+
+
+def fresh_precision(segments: np.ndarray, anchor: list[int], p: float = 0.5, n: int = 1000, seed: int = 5) -> float:
+    """Independent re-measurement: mean-fill each non-anchor superpixel w.p. p, per-sample loop."""
+    rng = np.random.default_rng(seed)
+    label = keyed(IMG[None])[0]
+    out = []
+    for _ in range(n):
+        img = IMG.copy()
+        for s in np.unique(segments):
+            if s in anchor or rng.random() >= p:
+                continue
+            m = segments == s
+            img[m] = IMG[m].mean()
+        out.append(img)
+    return float(np.mean(keyed(np.stack(out)) == label))
+
+
+def test_patch_segments_custom_grid() -> None:
+    ex = AnchorImage(keyed, IMG.shape, segmentation_fn=grid, seed=0)
+    exp = ex.explain(IMG, **FAST)
+    segs = exp.segments
+    assert segs.min() == 0 and segs.max() == 15  # renumbered from 1..16
+    want = sorted({int(segs[3, 10]), int(segs[10, 10])})
+    assert sorted(exp.raw["feature"]) == want == [1, 5]
+    assert exp.precision == 1.0 and exp.raw["success"]
+    assert abs(exp.coverage - 0.25) < 0.05
+    assert fresh_precision(segs, exp.raw["feature"]) >= 0.95 - 0.05
+    # masked image: anchor superpixels visible (scaled to 0..255), everything else 0
+    masked = exp.anchor
+    assert masked.shape == IMG.shape and masked.dtype.kind == "i"
+    inside = np.isin(segs, want)
+    assert np.all(masked[~inside] == 0) and masked[inside].max() == 255
+
+
+def test_background_images_and_p_sample() -> None:
+    bg = np.zeros((3,) + IMG.shape, dtype=np.float32)
+    ex = AnchorImage(keyed, IMG.shape, segmentation_fn=grid, images_background=bg, seed=1)
+    exp = ex.explain(IMG, p_sample=0.8, **FAST)
+    assert sorted(exp.raw["feature"]) == [1, 5]
+    assert abs(exp.coverage - 0.2 ** 2) < 0.03  # coverage under p_sample: both kept w.p. 0.2 each
+    # perturbed superpixels come from the background (zeros)
+    for step in exp.raw["examples"]:
+        for img in step["covered_false"]:
+            assert img.min() == 0
+
+
+def test_slic_start_label_every_superpixel_perturbed() -> None:
+    """alibi #748: with slic's start_label=1 one superpixel was never perturbed. Here every one is."""
+    ex = AnchorImage(keyed, IMG.shape, segmentation_fn="slic",
+                     segmentation_kwargs={"n_segments": 12, "compactness": 10, "sigma": 0.5, "start_label": 1})
+    segs = ex.generate_superpixels(IMG)
+    k = len(np.unique(segs))
+    assert segs.min() == 0 and segs.max() == k - 1
+    from explainers.anchors.image import ImageSampler
+
+    sampler = ImageSampler(IMG, segs, 1, ex.predictor, 0.5, None)
+    raw, keep = sampler.perturb((), 400, np.random.default_rng(0))
+    assert keep.shape == (400, k) and np.all((~keep).any(axis=0)), "every superpixel must be perturbed sometimes"
+    # the perturbed pixels equal their superpixel mean, the others the image
+    for i in range(5):
+        for s in range(k):
+            m = segs == s
+            want = IMG[m] if keep[i, s] else np.full(m.sum(), IMG[m].mean(), dtype=np.float32)[:, None]
+            np.testing.assert_allclose(raw[i][m], want.reshape(raw[i][m].shape), rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn,kwargs", [("felzenszwalb", {"scale": 50}), ("quickshift", {"kernel_size": 3, "max_dist": 6}),
+                                       ("slic", None)])
+def test_builtin_segmentations(fn: str, kwargs: dict | None) -> None:
+    ex = AnchorImage(keyed, IMG.shape, segmentation_fn=fn, segmentation_kwargs=kwargs, seed=0)
+    exp = ex.explain(IMG, **FAST)
+    segs = exp.segments
+    assert segs.shape == IMG.shape[:2] and segs.min() == 0
+    assert exp.precision >= 0.95 - 0.05 or not exp.raw["success"]
+    if exp.raw["success"]:
+        assert fresh_precision(segs, exp.raw["feature"]) >= 0.95 - 0.05
+
+
+def test_same_seed_threads_and_proba() -> None:
+    def proba(X: np.ndarray) -> np.ndarray:
+        y = keyed(X)
+        return np.column_stack([1 - y, y]).astype(np.float32)
+
+    ex = AnchorImage(proba, IMG.shape, segmentation_fn=grid, predictor_type="proba")
+    seq = [ex.explain(IMG, seed=s, **FAST) for s in range(3)]
+    par: list = [None] * 3
+
+    def work(i: int) -> None:
+        par[i] = ex.explain(IMG, seed=i, **FAST)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for a, b in zip(seq, par):
+        assert a.raw["feature"] == b.raw["feature"] and a.precision == b.precision
+        assert a.raw["num_preds"] == b.raw["num_preds"]
+        assert sorted(a.raw["feature"]) == [1, 5]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="segmentation_fn"):
+        AnchorImage(keyed, IMG.shape, segmentation_fn="watershed")
+    with pytest.raises(ValueError, match="images_background"):
+        AnchorImage(keyed, IMG.shape, images_background=np.zeros((2, 5, 5, 1)))
+    ex = AnchorImage(keyed, IMG.shape, segmentation_fn=grid)
+    with pytest.raises(ValueError, match="shape"):
+        ex.explain(IMG[:, :20])
+    with pytest.raises(ValueError, match="p_sample"):
+        ex.explain(IMG, p_sample=1.5)

@@ -1,0 +1,167 @@
+"""AnchorTabular against a model whose rule is known: predict 1 iff x2 > t and x5 = 'a'."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from explainers.anchors import AnchorTabular, Explanation
+from explainers.anchors.base import dlow_bernoulli, dup_bernoulli, kl_bernoulli
+
+NAMES = [f"x{i}" for i in range(6)]
+CATS = {3: ["p", "q", "r"], 5: ["a", "b", "c"]}
+FAST = dict(coverage_samples=2000)
+
+
+def make_data(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, float]:
+    rng = np.random.default_rng(seed)
+    X = np.column_stack([rng.normal(size=n), rng.uniform(size=n), rng.normal(size=n), rng.integers(0, 3, n),
+                         rng.normal(size=n), rng.integers(0, 3, n)]).astype(np.float64)
+    t = float(np.median(X[:, 2]))  # the rule's threshold is a quantile border
+    return X, t
+
+
+X, T = make_data()
+
+
+def rule(Z: np.ndarray) -> np.ndarray:
+    Z = np.asarray(Z)
+    return ((Z[:, 2] > T) & (Z[:, 5] == 0)).astype(np.int64)
+
+
+def rule_proba(Z: np.ndarray) -> np.ndarray:
+    y = rule(Z)
+    return np.column_stack([1.0 - y, y])
+
+
+@pytest.fixture(scope="module")
+def explainer() -> AnchorTabular:
+    return AnchorTabular(rule, NAMES, categorical_names=CATS, seed=3).fit(X)
+
+
+def positives() -> np.ndarray:
+    return X[rule(X) == 1]
+
+
+def test_known_rule_yields_exactly_its_predicates(explainer: AnchorTabular) -> None:
+    for x in positives()[:3]:
+        exp = explainer.explain(x, **FAST)
+        assert isinstance(exp, Explanation)
+        assert sorted(exp.anchor) == sorted(["x5 = a", "x2 > %.2f" % T]), exp.anchor
+        assert sorted(exp.raw["feature"]) == [2, 5]
+        assert exp.precision == 1.0 and exp.raw["success"]
+        # coverage: fraction of training rows where x2 > median and x5 == 0 (about 1/2 * 1/3)
+        truth = np.mean((X[:, 2] > T) & (X[:, 5] == 0))
+        assert abs(exp.coverage - truth) < 0.03
+        assert exp.raw["prediction"].tolist() == [1]
+        # per-step trace and examples of the partial anchors
+        assert len(exp.raw["precision"]) == len(exp.raw["coverage"]) == len(exp.raw["examples"]) == 2
+        assert exp.raw["examples"][-1]["covered_true"].shape[1] == 6
+        assert len(exp.raw["examples"][-1]["covered_false"]) == 0
+
+
+def test_precision_remeasured_on_fresh_samples(explainer: AnchorTabular) -> None:
+    """Precision of the anchor on training rows drawn from the anchor (an independent measurement)."""
+    rng = np.random.default_rng(123)
+    for x in np.concatenate([positives()[:2], X[rule(X) == 0][:4]]):
+        exp = explainer.explain(x, threshold=0.9, **FAST)
+        covered = X[explainer.anchor_mask(exp, X)]
+        assert len(covered) > 0
+        sample = covered[rng.integers(0, len(covered), 2000)]
+        label = rule(x[None])[0]
+        precision = np.mean(rule(sample) == label)
+        assert precision >= 0.9 - 0.05, (exp.anchor, precision)
+        # coverage evaluated with the anchor's operators on the training data
+        assert abs(exp.coverage - explainer.anchor_mask(exp, X).mean()) < 0.03
+
+
+def test_same_seed_same_anchor_and_no_global_seeding(explainer: AnchorTabular) -> None:
+    x = X[rule(X) == 0][5]
+    state = np.random.get_state()[1].copy()
+    a = explainer.explain(x, seed=7, **FAST)
+    b = explainer.explain(x, seed=7, **FAST)
+    assert a.anchor == b.anchor and a.precision == b.precision and a.coverage == b.coverage
+    assert a.raw["num_preds"] == b.raw["num_preds"]
+    assert np.array_equal(np.random.get_state()[1], state), "explain must not touch numpy's global RNG"
+
+
+def test_threads_give_sequential_results(explainer: AnchorTabular) -> None:
+    xs = np.concatenate([positives()[:3], X[rule(X) == 0][:3]])
+    seq = [explainer.explain(x, seed=i, **FAST) for i, x in enumerate(xs)]
+    out: list = [None] * len(xs)
+
+    def work(i: int) -> None:
+        out[i] = explainer.explain(xs[i], seed=i, **FAST)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s, p in zip(seq, out):
+        assert s.anchor == p.anchor and s.precision == p.precision and s.coverage == p.coverage
+        assert s.raw["num_preds"] == p.raw["num_preds"]
+
+
+def test_predictor_type_declared_not_guessed() -> None:
+    ex = AnchorTabular(rule_proba, NAMES, categorical_names=CATS, predictor_type="proba", seed=0).fit(X)
+    exp = ex.explain(positives()[0], **FAST)
+    assert sorted(exp.raw["feature"]) == [2, 5]
+    wrong = AnchorTabular(rule_proba, NAMES, categorical_names=CATS).fit(X)  # declared 'class'
+    with pytest.raises(ValueError, match="predictor_type='proba'"):
+        wrong.explain(positives()[0])
+    with pytest.raises(ValueError, match="predictor_type"):
+        AnchorTabular(rule, NAMES, predictor_type="labels")
+
+
+@pytest.mark.parametrize("drop", [None, "first"])
+def test_one_hot_input(drop: str | None) -> None:
+    """ohe=True, with full one-hot blocks and with drop='first' blocks (alibi #602)."""
+    from sklearn.preprocessing import OneHotEncoder
+
+    enc = OneHotEncoder(drop=drop, sparse_output=False, categories=[[0.0, 1.0, 2.0]] * 2).fit(X[:, [3, 5]])
+
+    def to_ohe(Z: np.ndarray) -> np.ndarray:
+        o = enc.transform(Z[:, [3, 5]])
+        w = o.shape[1] // 2
+        return np.column_stack([Z[:, :3], o[:, :w], Z[:, 4:5], o[:, w:]])
+
+    def predict_ohe(Zo: np.ndarray) -> np.ndarray:
+        w = (Zo.shape[1] - 4) // 2
+        x5_is_a = Zo[:, 4 + w:].sum(axis=1) == 0 if drop == "first" else Zo[:, 4 + w] == 1
+        return ((Zo[:, 2] > T) & x5_is_a).astype(int)
+
+    Xo = to_ohe(X)
+    assert np.array_equal(predict_ohe(Xo), rule(X))
+    ex = AnchorTabular(predict_ohe, NAMES, categorical_names=CATS, ohe=True, ohe_drop=drop, seed=1).fit(Xo)
+    exp = ex.explain(Xo[rule(X) == 1][0], **FAST)
+    assert sorted(exp.anchor) == sorted(["x5 = a", "x2 > %.2f" % T])
+    assert exp.raw["instance"].shape == (Xo.shape[1],)
+    assert exp.raw["examples"][-1]["covered_true"].shape[1] == Xo.shape[1]
+    assert np.array_equal(predict_ohe(exp.raw["examples"][-1]["covered_true"]),
+                          np.ones(len(exp.raw["examples"][-1]["covered_true"])))
+
+
+def test_bad_input() -> None:
+    ex = AnchorTabular(rule, NAMES, categorical_names=CATS)
+    with pytest.raises(ValueError, match="not fitted"):
+        ex.explain(X[0])
+    ex.fit(X)
+    with pytest.raises(ValueError, match="expected 6 features"):
+        ex.explain(X[0, :5])
+    with pytest.raises(ValueError, match="threshold"):
+        ex.explain(X[0], threshold=1.5)
+    with pytest.raises(ValueError, match="codes"):
+        AnchorTabular(rule, NAMES, categorical_names=CATS).fit(X + 0.5)
+
+
+def test_kl_bounds_match_definition() -> None:
+    """The bisection bounds are the KL-ball limits: KL(p, bound) == level at the bound (hand-checkable)."""
+    p = np.array([0.2, 0.5, 0.9])
+    level = np.array([0.05, 0.1, 0.01])
+    ub, lb = dup_bernoulli(p, level), dlow_bernoulli(p, level)
+    assert np.all(ub > p) and np.all(lb < p)
+    np.testing.assert_allclose(kl_bernoulli(p, ub), level, atol=2e-3)
+    np.testing.assert_allclose(kl_bernoulli(p, lb), level, atol=2e-3)
