@@ -24,10 +24,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.config:
         cfg = ServerConfig.from_toml(args.config)
     elif args.demo:
-        from server.demo import ensure_digits_index
+        from server.demo import DEMO_LIMIT, ensure_digits_index
 
         workdir = args.workdir or DEFAULT_DEMO_WORKDIR
-        name = ensure_digits_index(workdir)
+        name = ensure_digits_index(workdir, limit=DEMO_LIMIT)
         cfg = ServerConfig(workdir=workdir, indexes=[name], max_k=5000)
     else:
         raise SystemExit("gradindex serve: pass --config server.toml, or --demo to serve the digits example")

@@ -15,25 +15,58 @@ from pathlib import Path
 import numpy as np
 
 DEMO_INDEX = "digits"
+DEMO_LIMIT = 1597  # the demo indexes the first 1,597 digits and queries the 200 held out
 CONFIG = Path(__file__).resolve().parent.parent / "examples" / "digits" / "index.toml"
 
 
-def ensure_digits_index(workdir: str | Path, name: str = DEMO_INDEX, config: str | Path = CONFIG,
-                        overrides: dict | None = None) -> str:
+def served_index_names(workdir: str | Path) -> list[str]:
+    """Names of the ready indexes in ``workdir``'s catalog ([] when there is no catalog)."""
+    from indexer.catalog import CATALOG_FILE, Catalog
+
+    if not (Path(workdir) / CATALOG_FILE).exists():
+        return []
+    cat = Catalog(workdir, create=False)
+    try:
+        with cat.session() as s:
+            return [r.name for r in cat.ready_indexes(s)]
+    finally:
+        cat.close()
+
+
+def ensure_digits_index(workdir: str | Path, name: str = DEMO_INDEX, n: int | None = None, limit: int | None = None,
+                        overrides: dict[str, dict] | None = None, progress: bool = True) -> str:
     """Build the digits index into ``workdir`` from ``examples/digits/index.toml`` unless it is there.
 
-    ``overrides`` are passed to the indexer's build (e.g. a smaller ``n`` for tests, a bigger one
-    for benchmarks). Returns the index name.
+    ``n``: index that many examples of :func:`indexer.demo.load_digits_28` (more than the 1,797
+    shipped digits = seeded shifted copies; benchmarks use 20,000), written to ``workdir`` as npz so
+    stored examples can be returned. ``limit``: only the first ``limit`` rows (the demo holds the
+    tail out as queries). ``overrides`` are merged into the config's tables, e.g.
+    ``{"index": {"kernel": "grad_cos"}, "projection": {"kind": "none"}, "model": {"params": ["^14\\."]}}``.
+    Returns the name.
     """
-    from indexer.query import list_indexes
+    import tomllib
+
+    from indexer.build import build_index
 
     workdir = Path(workdir)
-    have = {i if isinstance(i, str) else i["name"] for i in (list_indexes(workdir) if workdir.exists() else [])}
-    if name in have:
+    if name in served_index_names(workdir):
         return name
-    from indexer.build import build_from_config
+    raw = tomllib.loads(CONFIG.read_text())
+    raw["index"]["name"] = name
+    for table, values in (overrides or {}).items():
+        raw.setdefault(table, {}).update(values)
+    if limit:
+        raw["data"]["limit"] = int(limit)
+    if n is not None:
+        from indexer.demo import load_digits_28
 
-    build_from_config(config, workdir=workdir, name=name, **(overrides or {}))
+        workdir.mkdir(parents=True, exist_ok=True)
+        data = workdir / f"digits_{n}.npz"
+        if not data.exists():
+            X, y = load_digits_28(n)
+            np.savez(data, X=X, y=y, ids=np.asarray([f"digit-{i:05d}" for i in range(len(X))]))
+        raw["data"]["path"] = str(data)
+    build_index(raw, workdir, base_dir=CONFIG.parent, progress=progress)
     return name
 
 
@@ -52,7 +85,7 @@ def plot_similar(path: str | Path, X: np.ndarray, y: np.ndarray, preds: np.ndarr
     import matplotlib.pyplot as plt
 
     n, k = sim_images.shape[:2]
-    fig, axes = plt.subplots(n, k + 3, figsize=(2.3 * (k + 1) + 7, 2.6 * n),
+    fig, axes = plt.subplots(n, k + 4, figsize=(2.3 * (k + 1) + 7, 2.6 * n),
                              gridspec_kw={"width_ratios": [1] * (k + 1) + [0.2, 1.8, 1.8]}, squeeze=False)
     for j in range(n):
         ax = axes[j, 0]
@@ -86,10 +119,11 @@ def plot_similar(path: str | Path, X: np.ndarray, y: np.ndarray, preds: np.ndarr
 
 
 def run_demo(workdir: str | Path = "runs/digits", out: str | Path | None = None, n_queries: int = 5, k: int = 5,
-             port: int = 0, seed: int = 0, overrides: dict | None = None, verbose: bool = True) -> dict:
+             port: int = 0, seed: int = 0, build: dict | None = None, verbose: bool = True) -> dict:
     """Build if needed, serve on 127.0.0.1:``port``, query ``n_queries`` held-out digits, print, plot.
 
-    Returns a summary dict (index name, port, ids/scores/labels of the hits, PNG path, timings).
+    ``build``: extra arguments of :func:`ensure_digits_index` (tests index fewer digits).
+    Returns a summary dict (index name, port, ids/scores/labels of the hits, PNG path).
     """
     from server.app import GradIndexServer
     from server.client import GradIndexClient
@@ -98,7 +132,7 @@ def run_demo(workdir: str | Path = "runs/digits", out: str | Path | None = None,
     say = print if verbose else (lambda *a, **kw: None)
     t0 = time.perf_counter()
     workdir = Path(workdir)
-    name = ensure_digits_index(workdir, overrides=overrides)
+    name = ensure_digits_index(workdir, limit=DEMO_LIMIT, **(build or {}))
     t_build = time.perf_counter() - t0
     server = GradIndexServer(ServerConfig(workdir=str(workdir), indexes=[name], port=port, max_k=100_000,
                                           log_level="WARNING")).start()
@@ -112,10 +146,13 @@ def run_demo(workdir: str | Path = "runs/digits", out: str | Path | None = None,
             res = client.find_similar(name, Xq, k=int(info.count), include_data=False)
             t_query = time.perf_counter() - t1
             top_ids = res.ids[:, :k]
-            ex = client.get_examples(name, top_ids.ravel(), include_data=True)
-            sim_images = ex["data"].reshape(n_queries, k, *ex["data"].shape[1:])
-            meta_preds = _predictions(ex["metadata"], ex["labels"]).reshape(n_queries, k)
-            all_preds = np.array([[int(m.get("prediction", -1)) for m in row] for row in res.most.metadata])
+            # Every stored example (ids 0..count-1), to plot the neighbours and to predict their class
+            # with the operator's model files, as the notebook does for its reference set.
+            stored = client.get_examples(name, np.arange(info.count), include_data=True)
+            all_pred_by_id = _predict(stored["data"])
+            sim_images = stored["data"][top_ids]
+            meta_preds = all_pred_by_id[top_ids]
+            all_preds = all_pred_by_id[np.maximum(res.ids, 0)]
             preds = res.targets
             for q in range(n_queries):
                 say(f"query {q}: label {yq[q]}, prediction {preds[q]}; most similar training examples:")
@@ -132,8 +169,15 @@ def run_demo(workdir: str | Path = "runs/digits", out: str | Path | None = None,
         server.stop(1.0)
 
 
-def _predictions(metadata: list[dict], labels: np.ndarray) -> np.ndarray:
-    return np.array([int(m.get("prediction", -1)) for m in metadata], dtype=np.int64)
+def _predict(X: np.ndarray) -> np.ndarray:
+    """Predicted classes of the demo model, loaded from the example's files (model.py + weights.pt)."""
+    import torch
+
+    from indexer.config import load_model, parse_config
+
+    model = load_model(parse_config(CONFIG).model).eval()
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(X, dtype=np.float32))).argmax(1).numpy()
 
 
 def _held_out_digits(info, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from server.observability import LOGGER_NAME
 
 log = logging.getLogger(LOGGER_NAME)
@@ -44,9 +46,9 @@ def _default_opener(workdir: str, name: str) -> Any:
 
 
 def _default_lister(workdir: str) -> list[str]:
-    from indexer.query import list_indexes
+    from server.demo import served_index_names
 
-    return [i if isinstance(i, str) else i["name"] for i in list_indexes(workdir)]
+    return served_index_names(workdir)
 
 
 class Registry:
@@ -70,6 +72,10 @@ class Registry:
         t0 = time.perf_counter()
         idx = self._open(self.workdir, source)
         info = dict(idx.info())
+        emb = idx.embedder()  # loads the model now (not on the first query) and checks its fingerprint
+        info["gradient_dim"] = int(emb.projector.input_dim)
+        if info.get("input_shape"):  # warm up (projection matrices, lazy kernels) before serving
+            idx.embed(np.zeros((1, *info["input_shape"]), dtype=np.float32))
         with self._lock:
             self._generation += 1
             served = Served(name=name, source=source, index=idx, info=info,

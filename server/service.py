@@ -170,39 +170,53 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
                            f"calls of at most {self.max_batch}")
 
     def _example_pb(self, rec: dict, include_data: bool) -> tpb.Example:
+        """A catalog record (indexer.query.GradIndex.get_examples) as an Example message."""
         ex = tpb.Example(id=int(rec["id"]), external_id=str(rec.get("external_id") or ""),
                          split=str(rec.get("split") or ""), source=str(rec.get("source") or ""))
-        for key in ("label", "prediction"):
-            if rec.get(key) is not None:
-                setattr(ex, key, int(rec[key]))
-        for key in ("gradient_norm", "self_influence"):
-            if rec.get(key) is not None:
-                setattr(ex, key, float(rec[key]))
-        meta = rec.get("metadata") or {}
-        for k, v in meta.items():
+        label = rec.get("label")
+        if label is not None:
+            ex.label_name = str(label)
+            try:
+                ex.label = int(label)
+            except (TypeError, ValueError):
+                pass
+        if rec.get("grad_norm") is not None:
+            ex.gradient_norm = float(rec["grad_norm"])
+        if rec.get("self_influence") is not None:
+            ex.self_influence = float(rec["self_influence"])
+        for k, v in (rec.get("metadata") or {}).items():
             ex.metadata[str(k)] = v if isinstance(v, str) else str(_jsonable(v))
-        if include_data and rec.get("data") is not None:
-            ex.data.CopyFrom(to_tensor(np.asarray(rec["data"])))
+        if include_data and rec.get("payload") is not None:
+            payload = np.asarray(rec["payload"])
+            if payload.dtype.kind in "US":
+                ex.metadata["text"] = str(payload)
+            else:
+                ex.data.CopyFrom(to_tensor(payload))
         return ex
 
     def _records(self, served: Served, ids: np.ndarray, include_data: bool) -> dict[int, tpb.Example]:
         uniq = sorted({int(i) for i in np.asarray(ids).ravel() if i >= 0})
         if not uniq:
             return {}
-        recs = served.index.get_examples(uniq, include_data=include_data)
+        recs = served.index.get_examples(uniq, payload=include_data)
         return {int(r["id"]): self._example_pb(r, include_data) for r in recs}
 
     def _filters(self, f: pb.Filter) -> dict:
-        return {"labels": list(f.labels) or None, "splits": list(f.splits) or None}
+        return {"labels": [int(v) for v in f.labels] or None, "split": list(f.splits) or None}
 
     def _search_and_respond(self, served: Served, Q: np.ndarray, k: int, direction: str, filt: dict,
                             include_data: bool, context: grpc.ServicerContext, timer: StageTimer,
                             targets: np.ndarray | None = None) -> pb.FindSimilarResponse:
         """Search most and/or least similar, fetch the records, build the response."""
         _alive(context, "search")
+        res = served.index.search(Q, k, mode=direction, **filt)
         hits = {}
-        for d in (("most", "least") if direction == "both" else (direction,)):
-            hits[d] = served.index.search(Q, k, least=(d == "least"), **filt)
+        if direction == "least":
+            hits["least"] = (res.scores, res.ids)
+        else:
+            hits["most"] = (res.scores, res.ids)
+            if direction == "both":
+                hits["least"] = (res.least_scores, res.least_ids)
         timer.mark("search")
         _alive(context, "fetch")
         all_ids = np.concatenate([ids.ravel() for _, ids in hits.values()])
@@ -215,10 +229,10 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
                 r.target = int(targets[q])
             for d, (scores, ids) in hits.items():
                 out = r.most_similar if d == "most" else r.least_similar
-                for s, i in zip(scores[q], ids[q]):
+                for sc, i in zip(scores[q].tolist(), ids[q].tolist()):
                     if i < 0:  # fewer candidates than k (filters)
                         continue
-                    out.add(score=float(s), example=records[int(i)])
+                    out.add(score=sc, example=records[i])
         timer.mark("encode")
         context.set_trailing_metadata((("server-timing", timer.header()),))
         return resp
@@ -240,7 +254,7 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
             if len(Y) != len(X):
                 raise RpcError(SC.INVALID_ARGUMENT,
                                f"targets has {len(Y)} entries for {len(X)} inputs; send one target per input")
-            n_cls = served.info.get("num_classes")
+            n_cls = len(served.info.get("class_names") or [])
             if n_cls and Y.dtype.kind in "iu" and ((Y < 0).any() or (Y >= n_cls).any()):
                 raise RpcError(SC.INVALID_ARGUMENT, f"targets must be class ids in [0, {n_cls}), got {Y.tolist()}")
         return X, Y
@@ -251,7 +265,7 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
         parts = []
         for s in range(0, len(X), self.embed_chunk):
             _alive(context, "gradient")
-            with served.engine_lock:  # the engine's layer hooks hold per-call state
+            with served.engine_lock:  # one engine per index: its layer hooks hold per-call state
                 parts.append(served.index.embed(X[s:s + self.embed_chunk],
                                                 None if Y is None else Y[s:s + self.embed_chunk]))
         timer.mark("gradient")
@@ -259,33 +273,34 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
 
     # ---- models and indexes -------------------------------------------------------------------
     def _index_pb(self, s: Served) -> tpb.IndexInfo:
+        """IndexInfo from ``GradIndex.info()``; keys without a field of their own go to ``details``."""
         i = s.info
-        known = {"name", "model", "kernel", "count", "dim", "gradient_dim", "projection", "faiss_kind",
-                 "status", "model_fingerprint", "recall", "labels", "splits"}
+        proj = i.get("projection") or {}
+        known = {"name", "model", "kernel", "count", "dim", "gradient_dim", "faiss", "fingerprint", "recall_at_10"}
         msg = tpb.IndexInfo(
             name=s.name, model=str(i.get("model", "")), kernel=str(i.get("kernel", "")),
             count=int(i.get("count", 0)), dim=int(i.get("dim", 0)), gradient_dim=int(i.get("gradient_dim", 0)),
-            projection=str(i.get("projection", "") or "none"), faiss_kind=str(i.get("faiss_kind", "")),
-            status=str(i.get("status", "ready")), model_fingerprint=str(i.get("model_fingerprint", "")),
-            generation=s.generation, labels=[int(v) for v in i.get("labels", []) or []],
-            splits=[str(v) for v in i.get("splits", []) or []])
-        if i.get("recall") is not None:
-            msg.recall = float(i["recall"])
+            projection=str(proj.get("kind", "none") if isinstance(proj, dict) else proj),
+            faiss_kind=str(i.get("faiss", "")), status="ready", model_fingerprint=str(i.get("fingerprint", "")),
+            generation=s.generation)
+        if i.get("recall_at_10") is not None:
+            msg.recall = float(i["recall_at_10"])
         msg.details.CopyFrom(_struct({k: v for k, v in i.items() if k not in known}))
         return msg
 
     def _models(self) -> dict[str, tpb.ModelInfo]:
+        """Registered models, as the served indexes record them (one entry per model name)."""
         models: dict[str, tpb.ModelInfo] = {}
         for s in self.registry.all():
             i = s.info
             name = str(i.get("model", ""))
             if name not in models:
                 models[name] = tpb.ModelInfo(
-                    name=name, framework=str(i.get("framework", "")),
-                    fingerprint=str(i.get("model_fingerprint", "")), task=str(i.get("task", "")),
-                    loss=str(i.get("loss", "")), class_names=[str(c) for c in i.get("class_names", []) or []],
-                    num_parameters=int(i.get("num_parameters", 0) or 0),
-                    input_shape=[int(v) for v in i.get("input_shape", []) or []],
+                    name=name, framework=str(i.get("framework", "")), fingerprint=str(i.get("fingerprint", "")),
+                    task=str(i.get("task", "")), loss=str(i.get("loss", "")),
+                    class_names=[str(c) for c in i.get("class_names") or []],
+                    num_parameters=int(i.get("gradient_dim", 0)),
+                    input_shape=[int(v) for v in i.get("input_shape") or []],
                     input_dtype=str(i.get("input_dtype", "")))
             models[name].indexes.append(s.name)
         return models
@@ -322,7 +337,8 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
         if Y is None and served.info.get("task", "classification") == "classification":
             _alive(context, "predict")
             with served.engine_lock:
-                Y = served.index.resolve_targets(X)
+                Y = served.index.embedder().engines[-1].resolve_targets(X)
+            timer.mark("predict")
         Q = self._embed(served, X, Y, context, timer)
         return self._search_and_respond(served, Q, k, _DIRECTIONS[request.direction],
                                         self._filters(request.filter), request.include_data, context, timer,
@@ -345,10 +361,32 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
                            f"({'projected' if request.projected else 'raw gradient'} dimension"
                            f"{'' if request.projected else ', or set projected=true for projected vectors'})")
         timer.mark("decode")
-        Q = served.index.embed_gradients(G, projected=request.projected)
+        Q = self._project(served, G, request.projected)
         timer.mark("projection")
         return self._search_and_respond(served, Q, k, _DIRECTIONS[request.direction],
                                         self._filters(request.filter), request.include_data, context, timer)
+
+    def _project(self, served: Served, G: np.ndarray, projected: bool) -> np.ndarray:
+        """Client gradients -> query vectors: the index's projection (unless already projected), then
+        the kernel's query scaling."""
+        from indexer.kernels import scale_query
+
+        emb = served.index.embedder()
+        V = np.asarray(G, dtype=np.float32)
+        if not projected:
+            kind = emb.projector.spec.kind
+            if len(emb.engines) > 1:
+                raise RpcError(SC.FAILED_PRECONDITION,
+                               f"index {served.name!r} concatenates {len(emb.engines)} checkpoints; raw gradients "
+                               "are ambiguous there: send projected vectors (projected=true) or use FindSimilar")
+            if kind == "dense":
+                V = emb.projector.project_flat(V)
+            elif kind != "none":
+                raise RpcError(SC.FAILED_PRECONDITION,
+                               f"index {served.name!r} uses a {kind!r} projection, which is applied to per-layer "
+                               "gradient factors, not to flat gradients: send projected vectors (projected=true, "
+                               f"shape (batch, {served.info.get('dim')})) or use FindSimilar")
+        return scale_query(V, served.info["kernel"])
 
     @_rpc
     def GetExamples(self, request, context):
@@ -370,10 +408,12 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
     def SelfInfluence(self, request, context):
         served = self._served(request.index)
         k = self._check_k(request.k, served)
-        scores, ids = served.index.self_influence_top(k, lowest=request.lowest)
-        recs = self._records(served, np.asarray(ids), request.include_data)
-        return pb.SelfInfluenceResponse(examples=[tpb.Neighbor(score=float(s), example=recs[int(i)])
-                                                  for s, i in zip(scores, ids)])
+        if request.lowest:
+            raise RpcError(SC.UNIMPLEMENTED, "lowest=true is not supported yet; ask for the highest (lowest=false)")
+        recs = served.index.self_influence_top(k, payload=request.include_data)
+        return pb.SelfInfluenceResponse(examples=[
+            tpb.Neighbor(score=float(r["self_influence"]), example=self._example_pb(r, request.include_data))
+            for r in recs])
 
     @_rpc
     def ReloadIndex(self, request, context):

@@ -28,7 +28,7 @@ def to_tensor(arr: np.ndarray) -> types_pb2.Tensor:
 def from_tensor(t: types_pb2.Tensor, what: str = "tensor", *, finite: bool = False,
                 ndim: int | None = None, min_ndim: int | None = None,
                 dtypes: tuple[str, ...] | None = None) -> np.ndarray:
-    """Decode a Tensor into a read-only numpy array; raise ValueError saying what to fix.
+    """Decode a Tensor into a numpy array; raise ValueError saying what to fix.
 
     ``what`` names the field in error messages; ``finite`` rejects NaN/inf; ``ndim``/``min_ndim``
     check the rank; ``dtypes`` restricts the allowed dtypes further.
@@ -50,7 +50,8 @@ def from_tensor(t: types_pb2.Tensor, what: str = "tensor", *, finite: bool = Fal
     if len(t.data) != expected:
         raise ValueError(f"{what}: {len(t.data)} bytes of data do not match shape {list(shape)} of "
                          f"{t.dtype} ({expected} bytes expected)")
-    a = np.frombuffer(t.data, dtype=dt).reshape(shape)
+    # A writable copy: frameworks (torch.as_tensor) refuse or warn on read-only buffers.
+    a = np.frombuffer(t.data, dtype=dt).reshape(shape).copy()
     if finite and a.dtype.kind == "f" and not np.isfinite(a).all():
         bad = int((~np.isfinite(a)).sum())
         raise ValueError(f"{what}: contains {bad} NaN or infinite value(s); send finite numbers only")
