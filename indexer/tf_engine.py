@@ -127,7 +127,14 @@ class KerasEngine(GradientEngine):
     def per_example_loss(self, out: tf.Tensor, y: tf.Tensor | None) -> tf.Tensor:
         """Loss per example (n,), whatever reduction the user's loss applies."""
         n = tf.shape(out)[0]
-        L = out if self.loss_fn is None else self.loss_fn(y, out)
+        if self.loss_fn is None:
+            L = out
+        elif isinstance(self.loss_fn, keras.losses.Loss) and hasattr(self.loss_fn, "fn"):
+            # A Keras loss object: its wrapped function gives per-example values, before reduction,
+            # in the inputs' dtype (no vectorized_map needed).
+            L = self.loss_fn.fn(y, out, **getattr(self.loss_fn, "_fn_kwargs", {}))
+        else:
+            L = self.loss_fn(y, out)
         L = tf.convert_to_tensor(L)
         if L.shape.rank and L.shape.rank >= 1:
             return tf.reshape(L, [n, -1])[:, 0] if L.shape.rank == 1 else tf.reduce_sum(tf.reshape(L, [n, -1]), 1)
