@@ -50,6 +50,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         t = threading.Thread(target=slow)
         t.start()
         time.sleep(0.5)  # the big request is in the gradient stage now
+        assert not result, "the slow request finished before SIGTERM; make it bigger"
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         assert c.health() == "NOT_SERVING"  # within the drain delay: still reachable, not serving
