@@ -372,6 +372,12 @@ class BiLRP:
     def explain(self, x: np.ndarray | torch.Tensor, x_other: np.ndarray | torch.Tensor) -> BiLRPResult:
         """Pair relevances R_{ii'} = sum_m R_i(phi_m; x) R_{i'}(phi_m; x') for one pair (no batch axis)."""
         xa, xb = self._as_input(x), self._as_input(x_other)
+        if self.rules[0] == "zb":
+            for name, t in (("x", xa), ("x_other", xb)):
+                lo, hi = self._input_bounds(t)
+                if bool((t < lo).any() or (t > hi).any()):
+                    raise ValueError(f"{name} has values outside the z^B bounds {self.bounds}: widen the bounds "
+                                     "to the input's range")
         acts_a = _forward(self.ops, xa)
         acts_b = _forward(self.ops, xb)
         phi_a = acts_a[-1][0].reshape(-1)
@@ -488,10 +494,13 @@ class BiLRP:
         if rule == "zb":
             Wp, Wn = op.W.clamp(min=0), op.W.clamp(max=0)
             lo, hi = bounds
-            z = _lin_forward(op, a, op.W, None) - _lin_forward(op, lo, Wp, None) - _lin_forward(op, hi, Wn, None)
-            s = R / (z + self._stab * _sign0(z))
-            return (a * _lin_vjp(op, s, op.W, in_shape) - lo * _lin_vjp(op, s, Wp, in_shape)
-                    - hi * _lin_vjp(op, s, Wn, in_shape))
+            # x w - l w+ - h w- written as (x - l) w+ + (x - h) w-: two non-negative terms, so a
+            # saturated patch gives z = 0 exactly instead of rounding noise that 1/z would blow up
+            dl, dh = a - lo, a - hi
+            # a saturated patch (z = 0) has no root point inside the box: its relevance is dropped
+            z = _lin_forward(op, dl, Wp, None) + _lin_forward(op, dh, Wn, None)
+            s = torch.where(z > 0, R / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(R))
+            return dl * _lin_vjp(op, s, Wp, in_shape) + dh * _lin_vjp(op, s, Wn, in_shape)
         if rule == "gamma":
             W = op.W + self.gamma * op.W.clamp(min=0)
             b = op.b + self.gamma * op.b.clamp(min=0)
@@ -520,8 +529,17 @@ def _vjp(fn: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, v: torch.T
 # brute-force reference: one modified-gradient backward per embedding dimension
 
 
+def _same_value(z: torch.Tensor, zr: torch.Tensor) -> torch.Tensor:
+    """Exactly the value z, with the gradient of zr * (z / zr): the rule's modified gradient.
+
+    (Plain ``zr * (z / zr).detach()`` rounds differently from z, which changes max-pool tie-breaks.)"""
+    v = zr * (z / zr).detach()
+    return z.detach() + (v - v.detach())
+
+
 def _trick_forward(expl: BiLRP, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Forward whose gradient x input equals LRP: every layer's output is z_rule * (z / z_rule).detach().
+    """Forward whose gradient x input equals LRP: every layer's output has the gradient of
+    z_rule * (z / z_rule).detach() (value z).
 
     Returns phi and the tensors whose grad x value sum to the input relevance (x, and the z^B bounds).
     """
@@ -537,28 +555,31 @@ def _trick_forward(expl: BiLRP, x: torch.Tensor) -> tuple[torch.Tensor, list[tor
                 hi_in.requires_grad_(True)
                 leaves += [lo_in, hi_in]
                 lo, hi = _forward(expl.ops[:i], lo_in)[-1], _forward(expl.ops[:i], hi_in)[-1]
-                zr = (_lin_forward(op, a, op.W, None) - _lin_forward(op, lo, op.W.clamp(min=0), None)
-                      - _lin_forward(op, hi, op.W.clamp(max=0), None))
-                zr = zr + expl._stab * _sign0(zr).detach()
+                zr = (_lin_forward(op, a - lo, op.W.clamp(min=0), None)
+                      + _lin_forward(op, a - hi, op.W.clamp(max=0), None))
+                ratio = torch.where(zr > 0, z / torch.where(zr > 0, zr, torch.ones_like(zr)), torch.zeros_like(z))
+                v = zr * ratio.detach()
+                a = z.detach() + (v - v.detach())
+                continue
             elif rule == "gamma":
                 zr = _lin_forward(op, a, op.W + expl.gamma * op.W.clamp(min=0), op.b + expl.gamma * op.b.clamp(min=0))
                 zr = zr + expl._stab * _sign0(zr).detach()
             else:
                 eps = max(expl.epsilon, expl._stab) if rule == "epsilon" else expl._stab
                 zr = z + eps * _sign0(z).detach()
-            a = zr * (z / zr).detach()
+            a = _same_value(z, zr)
         elif op.kind == "affine":
             shape = (1, -1) + (1,) * (a.dim() - 2)
             z = a * op.scale.reshape(shape) + op.shift.reshape(shape)
             eps = expl.epsilon if expl.epsilon > 0 else expl._stab
             zr = z + eps * _sign0(z).detach()
-            a = zr * (z / zr).detach()
+            a = _same_value(z, zr)
         elif op.kind == "relu":
             a = torch.relu(a)
         elif op.kind == "avgpool":
             z = op.fn(a)
             zr = z + expl._stab * _sign0(z).detach()
-            a = zr * (z / zr).detach()
+            a = _same_value(z, zr)
         elif op.kind in ("maxpool", "route"):
             a = op.fn(a)
     return a.reshape(-1), leaves

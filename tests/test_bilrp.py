@@ -220,3 +220,26 @@ def test_plot_pair_draws_top_pairs(tmp_path):
     fig = plot_pair(res, xa, xb, path=str(path), k=7)
     assert path.stat().st_size > 1000
     assert len(fig.axes[0].lines) == sum(1 for _, _, r in res.top_pairs(7, "abs") if r != 0) > 0
+
+
+def test_zb_on_saturated_pixels_is_stable():
+    """Digits with exact 0 and 1 pixels give z^B patches with z = 0: no blow-up, float32
+    agrees with float64, and the batched pass with the loop (a regression: rounding noise in z used
+    to be amplified into relevances of 1e-2 on background pixels)."""
+    from indexer.demo import digits_cnn_torch, load_digits_28
+
+    X, _ = load_digits_28(6)
+    imgs = [X[0], X[5]]
+    assert (X == 0).any() and (X == 1).any()
+    opts = dict(rule="gamma", input_rule="zb", bounds=(0.0, 1.0))
+    torch.manual_seed(0)
+    m = penultimate_embedding(digits_cnn_torch())
+    e64 = BiLRP(m, dtype=torch.float64, **opts)
+    r64 = e64.explain(*imgs).relevance
+    r32 = BiLRP(m, **opts).explain(*imgs).relevance
+    scale = np.abs(r64).max()
+    assert scale > 0
+    assert np.abs(r32 - r64).max() < 1e-4 * scale
+    np.testing.assert_allclose(r64, bilrp_reference(e64, *imgs), rtol=1e-8, atol=1e-12 * scale)
+    with pytest.raises(ValueError, match="outside the z"):
+        e64.explain(imgs[0] * 2 - 0.5, imgs[1])
