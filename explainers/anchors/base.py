@@ -448,6 +448,9 @@ class AnchorSearch:
         for f in order:
             cur = tuple(sorted(set(cur + (f,))))
             partials.append(cur)
+        # precision as estimated by the search, before any sampling for examples (as alibi reports it)
+        had = {p: bool(self.t_nsamples.get(p)) for p in partials}
+        means = {p: self.t_positives[p] / self.t_nsamples[p] for p in partials if had[p]}
         missing = [p for p in partials if p not in self.t_covered_true]
         for p in missing:  # partial anchors never sampled directly: sample once to get examples
             self.t_order[p] = list(p)
@@ -455,7 +458,7 @@ class AnchorSearch:
             self.draw_samples(missing, batch_size)
         cov = self.coverage_data
         for f, p in zip(order, partials):
-            mean = self.t_positives[p] / self.t_nsamples[p]
+            mean = means[p] if had[p] else self.t_positives[p] / self.t_nsamples[p]
             if p not in self.t_coverage and cov is not None:
                 self.t_coverage[p] = float(cov[:, list(p)].all(axis=1).mean())
             out["feature"].append(f)
