@@ -137,6 +137,20 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+class _Owner:
+    """Exposes FAISS-owned memory to numpy while keeping the index alive (the array's base)."""
+
+    def __init__(self, raw: np.ndarray, shape: tuple[int, int], owner: Any) -> None:
+        self.owner = owner
+        self.__array_interface__ = {"data": (raw.__array_interface__["data"][0], True), "shape": shape,
+                                    "typestr": "<f4", "version": 3}
+
+
+def _owned_view(raw: np.ndarray, shape: tuple[int, int], owner: Any) -> np.ndarray:
+    """A read-only (n, d) view of FAISS storage that keeps ``owner`` (the index) alive as long as it lives."""
+    return np.asarray(_Owner(raw, shape, owner))
+
+
 class ExactSearcher:
     """Exact top-k inner-product search over a (n, d) float32 matrix by chunked GEMM + top-k (torch).
 
@@ -260,7 +274,8 @@ class VectorStore:
         if self._exact is None:
             inner = faiss.downcast_index(self.index.index)
             n, d = inner.ntotal, inner.d
-            X = faiss.rev_swig_ptr(inner.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
+            X = _owned_view(faiss.rev_swig_ptr(inner.get_xb(), n * d), (n, d), self.index) if n else \
+                np.zeros((0, d), np.float32)
             ids = faiss.vector_to_array(self.index.id_map)
             self._exact = ExactSearcher(X, ids)
         return self._exact
