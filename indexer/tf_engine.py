@@ -181,12 +181,25 @@ class KerasEngine(GradientEngine):
             return act(z) if act is not None else z
         return wrapped
 
+    def _inputs_and_grads(self, x: tf.Tensor, y: tf.Tensor | None) -> tuple[list, list]:
+        """Traced once per input signature: the hooked layers' inputs and output gradients."""
+        _, records, gz = self._forward(x, y)
+        self._trace_layers = [(r[0], r[1]) for r in records]  # static: the same order in every trace
+        return [tf.convert_to_tensor(r[2]) for r in records], list(gz)
+
+    @property
+    def _graph_fn(self):
+        # Compiled with tf.function: eager dispatch of the forward/backward ops cost more than the math.
+        if getattr(self, "_compiled", None) is None:
+            self._compiled = tf.function(self._inputs_and_grads, reduce_retracing=True)
+        return self._compiled
+
     def _chunk_blocks(self, X: np.ndarray, Y: np.ndarray | None) -> list[Block]:
         x, y = self._to_x(X), self._to_y(Y)
         with self._lock:
-            _, records, gz = self._forward(x, y)
+            inputs, gz = self._graph_fn(x, y)
         per_layer: dict[int, list] = {}
-        for (layer, kind, inp, _z), g in zip(records, gz):
+        for (layer, kind), inp, g in zip(self._trace_layers, inputs, gz):
             per_layer.setdefault(id(layer), [layer, kind, []])[2].append((inp, g))
         blocks = [self._layer_block(layer, kind, calls) for layer, kind, calls in per_layer.values()]
         if self._fallback:
