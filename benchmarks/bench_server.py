@@ -1,0 +1,223 @@
+"""Loopback load test of the gRPC server on the seed CNN with a 20,000-example digits index.
+
+Prints: the in-process query latency (the baseline, no gRPC), single-query FindSimilar p50/p99
+through gRPC (target: p50 <= 15 ms) and its ratio to the baseline, a latency breakdown of one
+query (gradient, projection, search, fetch, (de)serialization, transport), then for 8 and 32
+concurrent clients (separate channels) for 30 s each: qps, p50, p99, errors (target 0) and the
+server's RSS growth (target: flat). The server runs in a subprocess (`gradindex serve --config`),
+with torch/BLAS/OpenMP pinned to one thread on both sides.
+
+    python benchmarks/bench_server.py            # full: 20,000 examples, 30 s per level
+    python benchmarks/bench_server.py --quick    # 1,000 examples, 2 s per level
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+
+def pct(xs, p):
+    return float(np.percentile(np.asarray(xs), p)) if xs else float("nan")
+
+
+def start_server(workdir: Path, workers: int) -> tuple[subprocess.Popen, int]:
+    cfg = workdir / "server.toml"
+    cfg.write_text(f'workdir = "{workdir}"\nindexes = ["bench"]\nport = 0\nworkers = {workers}\n'
+                   f'max_concurrent_rpcs = {workers * 2}\nlog_level = "WARNING"\n')
+    # MALLOC_ARENA_MAX: glibc gives each of the many handler threads its own malloc arena otherwise,
+    # which shows up as RSS that grows with the concurrency level (not with the number of requests).
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MALLOC_ARENA_MAX="2")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return proc, int(line.split(" on ")[1].split(":")[1].split(",")[0])
+
+
+def load_phase(port: int, X: np.ndarray, clients: int, seconds: float) -> dict:
+    """``clients`` threads, one channel each, FindSimilar(one query, k=5) in a loop for ``seconds``."""
+    from server.client import GradIndexClient
+
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+    stop = threading.Event()
+    go = threading.Barrier(clients + 1)
+
+    def worker(i: int) -> None:
+        with GradIndexClient(f"127.0.0.1:{port}", timeout=30) as c:
+            c.find_similar("bench", X[i % len(X)][None], k=5)  # connect + warm
+            go.wait()
+            j = i
+            while not stop.is_set():
+                t = time.perf_counter()
+                try:
+                    c.find_similar("bench", X[j % len(X)][None], k=5)
+                    lat[i].append(time.perf_counter() - t)
+                except Exception as exc:  # noqa: BLE001 - counted as errors
+                    errors.append(repr(exc)[:200])
+                j += clients
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    go.wait()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    flat = [x for xs in lat for x in xs]
+    return {"n": len(flat), "qps": len(flat) / wall, "p50": pct(flat, 50) * 1e3, "p99": pct(flat, 99) * 1e3,
+            "errors": len(errors), "first_error": errors[0] if errors else ""}
+
+
+def breakdown(workdir: Path, x: np.ndarray, reps: int) -> dict:
+    """Median ms of each step of one query, in-process, with the index's own engine and projection."""
+    from indexer.kernels import scale_query
+    from indexer.query import open_index
+    from server.protos import service_pb2 as pb
+    from server.tensors import from_tensor, to_tensor
+
+    idx = open_index(workdir, "bench")
+    emb = idx.embedder()
+    eng, proj = emb.engines[0], emb.projector
+    y = eng.resolve_targets(x)
+    steps: dict[str, list[float]] = {k: [] for k in ("predict", "gradient", "projection", "search", "fetch",
+                                                     "serialize_req", "serialize_resp", "in_process_total")}
+    for _ in range(reps):
+        t = time.perf_counter()
+        eng.resolve_targets(x)
+        t1 = time.perf_counter()
+        _, blocks = next(eng.iter_blocks(x, y))
+        t2 = time.perf_counter()
+        V = scale_query(proj.project(blocks), idx.kernel)
+        t3 = time.perf_counter()
+        res = idx.search(V, 5)
+        t4 = time.perf_counter()
+        recs = idx.get_examples(res.ids[0], payload=False)
+        t5 = time.perf_counter()
+        req = pb.FindSimilarRequest(index="bench", inputs=to_tensor(x), k=5)
+        b = req.SerializeToString()
+        from_tensor(pb.FindSimilarRequest.FromString(b).inputs, finite=True)
+        t6 = time.perf_counter()
+        resp = pb.FindSimilarResponse(index="bench")
+        r = resp.results.add()
+        for s, rec in zip(res.scores[0], recs):
+            e = r.most_similar.add(score=float(s)).example
+            e.id, e.external_id, e.label_name, e.split = rec["id"], rec["external_id"] or "", rec["label"] or "", "train"
+        pb.FindSimilarResponse.FromString(resp.SerializeToString())
+        t7 = time.perf_counter()
+        idx.find_similar(x, k=5)
+        t8 = time.perf_counter()
+        for k, dt in zip(steps, (t1 - t, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7)):
+            steps[k].append(dt * 1e3)
+    idx.close()
+    return {k: statistics.median(v) for k, v in steps.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1,000 examples, 2 s per concurrency level")
+    ap.add_argument("--n", type=int, help="index size (default 20,000; --quick 1,000)")
+    ap.add_argument("--seconds", type=float, help="per concurrency level (default 30; --quick 2)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--single", type=int, help="sequential single-query calls (default 300; --quick 40)")
+    ap.add_argument("--workdir", default=str(ROOT / "benchmarks" / "out" / "bench_server"))
+    args = ap.parse_args(argv)
+    n = args.n or (1000 if args.quick else 20000)
+    seconds = args.seconds or (2.0 if args.quick else 30.0)
+    single = args.single or (40 if args.quick else 300)
+
+    import psutil
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(1)
+    from indexer.build import set_threads
+    from indexer.demo import load_digits_28
+    from server.client import GradIndexClient
+    from server.demo import ensure_digits_index
+
+    set_threads(1)
+    workdir = Path(args.workdir) / f"n{n}"
+    t = time.perf_counter()
+    ensure_digits_index(workdir, "bench", n=n, progress=True)
+    print(f"index: {n} examples of the digits CNN (factored projection, exact flat search) "
+          f"ready in {time.perf_counter() - t:.1f} s at {workdir}")
+    Xq = load_digits_28(n=n + 400, seed=1)[0][-400:]  # queries the index did not store
+
+    bd = breakdown(workdir, Xq[:1], reps=max(10, single // 5))
+    base = bd["in_process_total"]
+    print(f"\nbaseline: in-process GradIndex.find_similar, 1 query, k=5: p50 {base:.2f} ms")
+
+    proc, port = start_server(workdir, workers=max(args.clients) + 4)
+    ps = psutil.Process(proc.pid)
+    try:
+        with GradIndexClient(f"127.0.0.1:{port}", timeout=30) as c:
+            lat, server_ms = [], []
+            for i in tqdm(range(single), desc="single-query FindSimilar", leave=False):
+                t = time.perf_counter()
+                r = c.find_similar("bench", Xq[i % len(Xq)][None], k=5)
+                lat.append((time.perf_counter() - t) * 1e3)
+                server_ms.append(r.server_timing)
+        p50 = pct(lat[5:], 50)
+        print(f"single-query FindSimilar over gRPC (k=5, {n} examples): p50 {p50:.2f} ms, p99 {pct(lat[5:], 99):.2f} ms"
+              f"  ({p50 / base:.2f}x the in-process baseline)  target p50 <= 15 ms: {'MET' if p50 <= 15 else 'MISSED'}")
+        st = {k: statistics.median(s.get(k, 0.0) for s in server_ms[5:]) for k in server_ms[-1]}
+        handler = sum(st.values())
+        print("\nlatency breakdown of one query (median ms):")
+        print(f"  in-process:  predict {bd['predict']:.2f} | gradient {bd['gradient']:.2f} | projection "
+              f"{bd['projection']:.2f} | search {bd['search']:.2f} | fetch records {bd['fetch']:.2f} | "
+              f"(de)serialize request {bd['serialize_req']:.3f} | response {bd['serialize_resp']:.3f}")
+        print("  in server:   " + " | ".join(f"{k} {v:.2f}" for k, v in st.items())
+              + f"  (handler total {handler:.2f})")
+        print(f"  gRPC transport + client (de)serialization: {p50 - handler:.2f}")
+
+        rss0 = ps.memory_info().rss
+        results = []
+        for rnd in (1, 2):  # round 2 repeats every level: a warm server must not keep growing
+            for clients in args.clients:
+                r = load_phase(port, Xq, clients, seconds)
+                rss = ps.memory_info().rss
+                r.update(clients=clients, round=rnd, rss_mb=rss / 2**20, growth_mb=(rss - rss0) / 2**20)
+                results.append(r)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+    print(f"\nloopback load test, {seconds:.0f} s per level, FindSimilar(1 query, k=5), server RSS at start "
+          f"{rss0 / 2**20:.0f} MB:")
+    print(f"{'round':>5} {'clients':>8} {'qps':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'RSS MB':>8} {'growth MB':>10} "
+          f"{'qps vs 1/base':>14}")
+    for r in results:
+        print(f"{r['round']:>5} {r['clients']:>8} {r['qps']:>8.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>7d} "
+              f"{r['rss_mb']:>8.0f} {r['growth_mb']:>10.1f} {r['qps'] / (1e3 / base):>14.2f}")
+        if r["errors"]:
+            print(f"   first error: {r['first_error']}")
+    errors = sum(r["errors"] for r in results)
+    half = len(results) // 2
+    growth = results[-1]["rss_mb"] - results[half - 1]["rss_mb"]
+    total = sum(r["n"] for r in results[half:])
+    print(f"\nzero errors: {'MET' if errors == 0 else 'MISSED'} ({errors}); memory flat (server RSS change over round 2, "
+          f"{total} more requests: {growth:+.1f} MB, limit 25 MB): {'MET' if abs(growth) <= 25 else 'MISSED'}")
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
