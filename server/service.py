@@ -126,6 +126,21 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+def _params(msg: struct_pb2.Struct) -> dict:
+    """A Struct of request parameters as a dict; protobuf numbers are doubles, so whole numbers
+    become ints again (k=4, batch_size=100, patch sizes) and lists of them tuples-ready lists."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        return v
+
+    return fix(json_format.MessageToDict(msg))
+
+
 _DIRECTIONS = {pb.DIRECTION_UNSPECIFIED: "most", pb.MOST_SIMILAR: "most", pb.LEAST_SIMILAR: "least",
                pb.BOTH: "both"}
 
@@ -423,10 +438,88 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
         return self._index_pb(served)
 
     # ---- explainers (hooks owned by explainers/) -----------------------------------------------
+    def _served_for_model(self, model: str) -> Served:
+        for s in self.registry.all():
+            if s.info.get("model") == model:
+                return s
+        have = sorted({str(s.info.get("model")) for s in self.registry.all()})
+        raise RpcError(SC.NOT_FOUND, f"model {model!r} is not served; served models: {', '.join(have) or 'none'}")
+
     @_rpc
     def ExplainAnchors(self, request, context):
-        raise RpcError(SC.UNIMPLEMENTED, "ExplainAnchors is not available on this server yet")
+        try:
+            from explainers.anchors.serve import explain_anchors
+        except ImportError as exc:
+            raise RpcError(SC.UNIMPLEMENTED, f"anchors are not installed on this server ({exc})") from None
+        served = self._served_for_model(request.model)
+        which = request.WhichOneof("instance")
+        if which is None:
+            raise RpcError(SC.INVALID_ARGUMENT, "send the instance to explain: row (tabular), text or image")
+        kind = request.kind or {"row": "tabular", "text": "text", "image": "image"}[which]
+        params = _params(request.params) if request.HasField("params") else {}
+        if which == "text":
+            params["text"] = request.text
+        else:
+            x = from_tensor(getattr(request, which), which, finite=True)
+            params["instance" if which == "row" else "image"] = x
+            if which == "image":
+                params.setdefault("image_shape", list(x.shape))
+        shape = served.info.get("input_shape") or []
+        engine = served.index.embedder().engines[-1]
+        # Anchors hands images over channel-last (n, H, W, C); a PyTorch model wants (n, C, H, W).
+        to_model = (lambda X: np.moveaxis(np.asarray(X), -1, 1)) if (
+            which == "image" and served.info.get("framework") == "pytorch" and len(shape) == 3) else np.asarray
+
+        def predict_fn(X):
+            Xm = to_model(X).astype(np.float32, copy=False)
+            with served.engine_lock:
+                return np.asarray(engine.predict(Xm)).argmax(-1)
+
+        out = explain_anchors(predict_fn, kind, params)
+        resp = pb.ExplainAnchorsResponse(anchor=[str(a) for a in out.get("anchor", [])],
+                                         precision=float(out.get("precision", 0.0)),
+                                         coverage=float(out.get("coverage", 0.0)))
+        resp.raw.CopyFrom(_struct(out.get("raw") or {}))
+        if out.get("segments") is not None:
+            resp.segments.CopyFrom(to_tensor(np.asarray(out["segments"]).astype(np.int64)))
+        return resp
 
     @_rpc
     def ExplainPair(self, request, context):
-        raise RpcError(SC.UNIMPLEMENTED, "ExplainPair is not available on this server yet")
+        try:
+            from explainers.bilrp import explain_pair, penultimate_embedding
+        except ImportError as exc:
+            raise RpcError(SC.UNIMPLEMENTED, f"BiLRP is not installed on this server ({exc})") from None
+        served = self._served(request.index)
+        if not request.HasField("query"):
+            raise RpcError(SC.INVALID_ARGUMENT, "query is missing; send one input (no batch axis) as a Tensor")
+        x = from_tensor(request.query, "query", finite=True)
+        which = request.WhichOneof("other")
+        if which is None:
+            raise RpcError(SC.INVALID_ARGUMENT, "send training_id (a stored example) or other_input")
+        if which == "training_id":
+            count = int(served.info.get("count", 0))
+            if not 0 <= request.training_id < count:
+                raise RpcError(SC.NOT_FOUND, f"no example with id {request.training_id} in index {served.name!r} "
+                               f"(ids run from 0 to {count - 1})")
+            other = served.index.get_examples([request.training_id], payload=True)[0]["payload"]
+            if other is None:
+                raise RpcError(SC.FAILED_PRECONDITION, f"index {served.name!r} does not store its examples; "
+                               "send other_input instead")
+        else:
+            other = from_tensor(request.other_input, "other_input", finite=True)
+        model = served.index.embedder().engines[-1].model
+        try:
+            embedding = penultimate_embedding(model)
+        except (TypeError, ValueError) as exc:
+            raise RpcError(SC.FAILED_PRECONDITION, f"BiLRP needs an nn.Sequential classifier ending in a Linear "
+                           f"layer: {exc}") from None
+        opts = _params(request.options) if request.HasField("options") else {}
+        if isinstance(opts.get("bounds"), list):
+            opts["bounds"] = tuple(opts["bounds"])
+        with served.engine_lock:
+            res = explain_pair(embedding, x, np.asarray(other), **opts)
+        details = res.to_dict()
+        details.pop("pooled", None)
+        return pb.ExplainPairResponse(relevances=to_tensor(np.asarray(res.pooled, dtype=np.float32)),
+                                      score=float(res.similarity), details=_struct(details))

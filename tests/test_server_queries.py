@@ -212,3 +212,27 @@ def test_changed_weights_are_refused_and_the_old_index_keeps_serving(env):
         torch.save(original, env["weights"])
     assert c.describe_index("digits").generation == before
     assert c.find_similar("digits", env["Xq"][:1], k=2).ids.shape == (1, 2)
+
+
+def test_explain_pair_with_a_training_id(env):
+    from google.protobuf import struct_pb2
+
+    from server.tensors import from_tensor
+
+    c = env["c"]
+    req = pb.ExplainPairRequest(index="digits", query=to_tensor(env["Xq"][0]), training_id=3)
+    opts = struct_pb2.Struct()
+    opts.update({"pool": 4})
+    req.options.CopyFrom(opts)
+    resp = c.stub.ExplainPair(req, timeout=60)
+    R = from_tensor(resp.relevances)
+    assert R.shape == (49, 49) and np.isfinite(R).all()
+    from explainers.bilrp import penultimate_embedding
+
+    emb = penultimate_embedding(_model())
+    with torch.no_grad():
+        phi = emb(torch.as_tensor(np.stack([env["Xq"][0], env["Xt"][3]]))).numpy()
+    assert resp.score == pytest.approx(float(phi[0] @ phi[1]), rel=1e-4)
+    code, _ = _code(lambda: c.stub.ExplainPair(pb.ExplainPairRequest(index="digits", query=to_tensor(env["Xq"][0]),
+                                                                     training_id=N + 1), timeout=10))
+    assert code == grpc.StatusCode.NOT_FOUND
