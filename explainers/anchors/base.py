@@ -11,6 +11,12 @@ defaults, and with three deliberate differences:
   that still need samples to certify precision), the perturbed samples of all of them go to the
   predictor in ONE call. The statistics are identical to sampling them one by one; the predictor's
   per-call overhead (a scikit-learn forest spends milliseconds per call) is paid once.
+* **All blocking arms per KL-LUCB round** (``lucb_arms=None``, the default): each round samples the
+  two critical arms *and* every other arm whose upper bound still exceeds the best arm's lower bound
+  by more than ``tau`` (which must all be sampled before the stopping rule can fire anyway). Bounds,
+  stopping rule and certification are unchanged; on a 90-predicate tabular problem the rounds (and
+  predictor calls) drop ~25x for about the same number of samples. ``lucb_arms=2`` restores the
+  paper's and alibi's sampling rule exactly.
 * **Ties are broken by coverage.** When two arms have exactly the same empirical precision, the one
   with the larger coverage ranks higher, which is what the paper's objective (maximise coverage under
   the precision constraint) asks for; alibi breaks such ties by candidate order.
@@ -43,6 +49,7 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(
     n_covered_ex=10,
     binary_cache_size=10000,
     cache_margin=1000,
+    lucb_arms=None,
 )
 
 PREDICTOR_TYPES = ("class", "proba")
@@ -211,12 +218,16 @@ class AnchorSearch:
     """State and procedure of one anchor search. Create one per ``explain`` call (not thread-shared)."""
 
     def __init__(self, sampler: Sampler, rng: np.random.Generator, batch_size: int = 100,
-                 n_covered_ex: int = 10, binary_cache_size: int = 10000, cache_margin: int = 1000) -> None:
+                 n_covered_ex: int = 10, binary_cache_size: int = 10000, cache_margin: int = 1000,
+                 lucb_arms: int | None = None) -> None:
         if binary_cache_size < 1:
             raise ValueError(f"binary_cache_size must be >= 1, got {binary_cache_size}")
         self.sampler = sampler
         self.rng = rng
         self.n_covered_ex = int(n_covered_ex)
+        # arms sampled per KL-LUCB round: 2 = the paper's/alibi's rule (the two critical arms);
+        # None = also every other arm that still blocks the stopping rule (default)
+        self.lucb_arms = 1 << 30 if lucb_arms is None else max(2, int(lucb_arms))
         self.margin = int(cache_margin)
         self.n_features = int(sampler.n_features)
         # the binary cache: alibi pre-allocates binary_cache_size batches; np.zeros is lazily
@@ -344,17 +355,27 @@ class AnchorSearch:
         ub, lb = np.zeros(n_arms), np.zeros(n_arms)
         t = 1
 
+        groups: dict[str, np.ndarray] = {}
+
         def critical(t: int) -> tuple[int, int]:
             order = _rank(means, coverages)
             beta = compute_beta(n_arms, t, delta)
             J, not_J = order[-top_n:], order[:-top_n]
             ub[not_J] = dup_bernoulli(means[not_J], beta / n_samples[not_J])
             lb[J] = dlow_bernoulli(means[J], beta / n_samples[J])
+            groups["not_J"] = not_J
             return int(not_J[np.argmax(ub[not_J])]), int(J[np.argmin(lb[J])])
 
         ut, lt = critical(t)
         while ub[ut] - lb[lt] > epsilon:
             idx = [ut, lt]
+            if self.lucb_arms > 2:
+                # also sample the other arms that still block the stopping rule (ub > lb[lt] + epsilon),
+                # highest upper bound first: same bounds and stopping rule, fewer sequential rounds
+                nj = groups["not_J"]
+                nj = nj[np.argsort(-ub[nj], kind="stable")]
+                extra = [int(i) for i in nj if i != ut and ub[i] - lb[lt] > epsilon][:self.lucb_arms - 2]
+                idx += extra
             pos, tot = self.draw_samples([anchors[i] for i in idx], batch_size)
             positives[idx] += pos
             n_samples[idx] += tot
@@ -503,13 +524,18 @@ def validate_search_params(threshold: float, delta: float, tau: float, batch_siz
 def run_search(sampler: Sampler, seed: int | None, *, threshold: float, delta: float, tau: float,
                batch_size: int, coverage_samples: int, beam_size: int, stop_on_first: bool,
                max_anchor_size: int | None, min_samples_start: int, n_covered_ex: int,
-               binary_cache_size: int, cache_margin: int, rng: np.random.Generator | None = None) -> dict:
+               binary_cache_size: int, cache_margin: int, rng: np.random.Generator | None = None,
+               lucb_arms: int | None = None) -> dict:
     """Validate the knobs, make the local generator, run the beam search; return alibi's raw result dict."""
     validate_search_params(threshold, delta, tau, batch_size, coverage_samples, beam_size, max_anchor_size,
                            min_samples_start, n_covered_ex, binary_cache_size, cache_margin)
+    if lucb_arms is not None and (isinstance(lucb_arms, bool) or not isinstance(lucb_arms, (int, np.integer))
+                                  or lucb_arms < 2):
+        raise ValueError(f"lucb_arms must be None or an integer >= 2, got {lucb_arms!r}")
     rng = rng if rng is not None else np.random.default_rng(seed)
     search = AnchorSearch(sampler, rng, batch_size=int(batch_size), n_covered_ex=n_covered_ex,
-                          binary_cache_size=int(binary_cache_size), cache_margin=int(cache_margin))
+                          binary_cache_size=int(binary_cache_size), cache_margin=int(cache_margin),
+                          lucb_arms=lucb_arms)
     return search.anchor_beam(delta=delta, epsilon=tau, desired_confidence=threshold, beam_size=int(beam_size),
                               min_samples_start=int(min_samples_start), max_anchor_size=max_anchor_size,
                               stop_on_first=bool(stop_on_first), batch_size=int(batch_size),

@@ -169,6 +169,7 @@ class AnchorImage:
                 stop_on_first: bool = False, max_anchor_size: int | None = None, min_samples_start: int = 100,
                 n_covered_ex: int = 10, binary_cache_size: int = 10000, cache_margin: int = 1000,
                 verbose: bool = False, verbose_every: int = 1, seed: int | None = None,
+                lucb_arms: int | None = None,
                 segments: np.ndarray | None = None, **kwargs: Any) -> Explanation:
         """Explain the prediction on one image (``image_shape``).
 
@@ -195,7 +196,8 @@ class AnchorImage:
         params = dict(threshold=threshold, delta=delta, tau=tau, batch_size=batch_size,
                       coverage_samples=coverage_samples, beam_size=beam_size, stop_on_first=stop_on_first,
                       max_anchor_size=max_anchor_size, min_samples_start=min_samples_start,
-                      n_covered_ex=n_covered_ex, binary_cache_size=binary_cache_size, cache_margin=cache_margin)
+                      n_covered_ex=n_covered_ex, binary_cache_size=binary_cache_size, cache_margin=cache_margin,
+                      lucb_arms=lucb_arms)
         use_seed = self.seed if seed is None else seed
         result = run_search(sampler, use_seed, **params)
         raw = dict(result)
