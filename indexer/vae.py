@@ -97,13 +97,20 @@ def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[
     """Train a VAE on X (n, 1, 28, 28) in [0, 1] with Adam; return it in eval mode.
 
     Deterministic for a given seed (weights, batch order and training noise are seeded; the fixed
-    noise buffer of the loss is seeded by ``seed`` too). ``checkpoints``: optional paths, one per
-    epoch, where the state_dict after that epoch is saved (for TracIn; the learning rate is ``lr``
-    at every checkpoint, recorded as ``vae.train_lr``).
+    noise buffer of the loss is seeded by ``seed`` too). ``checkpoints``: optional paths where the
+    state_dict is saved at evenly spaced epochs, the last after the final epoch (one per epoch when
+    there are ``epochs`` of them), for TracIn; the learning rate is ``lr`` at every checkpoint,
+    recorded as ``vae.train_lr``.
     """
     X = _check_X(X)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    checkpoints = list(checkpoints or [])
+    if len(checkpoints) > epochs:
+        raise ValueError(f"{len(checkpoints)} checkpoints need at least as many epochs, got epochs={epochs}")
+    C = len(checkpoints)
+    # evenly spaced, the last one after the final epoch (every epoch when C == epochs)
+    save_at = {round((k + 1) * epochs / C): p for k, p in enumerate(checkpoints)} if C else {}
     torch.manual_seed(seed)
     vae = VAE(int(np.prod(X.shape[1:])), hidden=hidden, latent=latent, n_samples=n_samples, noise_seed=seed)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
@@ -118,9 +125,10 @@ def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[
             opt.zero_grad()
             vae.neg_elbo(xb, eps).mean().backward()
             opt.step()
-        if checkpoints is not None and epoch < len(checkpoints):
-            Path(checkpoints[epoch]).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(vae.state_dict(), checkpoints[epoch])
+        if epoch + 1 in save_at:
+            path = save_at[epoch + 1]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(vae.state_dict(), path)
     vae.eval()
     vae.train_lr = lr
     return vae
