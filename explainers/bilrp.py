@@ -701,7 +701,7 @@ def plot_pair(result: BiLRPResult, x: Any, x_other: Any, path: str | None = None
     H, W = A.shape[:2]
     gap = max(W // 3, 4)
     canvas_shape = (max(H, B.shape[0]), W + gap + B.shape[1]) + A.shape[2:]
-    canvas = np.ones(canvas_shape, dtype=np.float32)
+    canvas = np.full(canvas_shape, 0.0 if A.ndim == 2 else 1.0, dtype=np.float32)  # white gap
     canvas[:H, :W] = A
     canvas[:B.shape[0], W + gap:] = B
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
