@@ -72,11 +72,14 @@ class ImageSampler:
             keep[:, list(anchor)] = True
         pix_keep = keep[:, self.segments]  # (n, H, W)
         pix_keep = pix_keep.reshape(pix_keep.shape + (1,) * (self.image.ndim - self.segments.ndim))
+        # C-ordered output (np.where on broadcast inputs can return the sample axis innermost)
         if self.background is not None:
-            fill = self.background[rng.integers(0, len(self.background), size=n)]
+            out = self.background[rng.integers(0, len(self.background), size=n)].astype(self.image.dtype)
         else:
-            fill = self.fudged[None]
-        return np.where(pix_keep, self.image[None], fill), keep
+            out = np.empty((n,) + self.image.shape, dtype=self.image.dtype)
+            out[:] = self.fudged
+        np.copyto(out, self.image[None], where=np.broadcast_to(pix_keep, out.shape))
+        return out, keep
 
     def coverage_data(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return self._masks(n, rng)
