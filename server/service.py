@@ -107,7 +107,7 @@ def _alive(context: grpc.ServicerContext, stage: str) -> None:
 def _struct(d: dict | None) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     if d:
-        s.update(json_format.MessageToDict(json_format.ParseDict(_jsonable(d), struct_pb2.Struct())))
+        json_format.ParseDict(_jsonable(d), s)
     return s
 
 
