@@ -20,6 +20,16 @@ never formed. Blocks not larger than k (and ``full`` blocks) use the dense rows 
 lands in the same k dimensions (summed), exactly as a dense JL projection of the whole gradient.
 The factored map is still JL-normalized (E[P_b P_bᵀ] = I) but has a larger variance than a dense
 one of the same k (a product of two JL estimates); the build benchmark measures both.
+
+``kind="sketch"`` (TensorSketch, Pham & Pagh 2013): also works on the factors without forming the
+gradient, but keeps the fidelity of a full-size sketch. CountSketch each factor (hash to one of k
+buckets with a random sign, seeded per block like the matrices above), and combine by circular
+convolution (FFT): Σ_l IFFT(FFT(CS_out d_l) ∘ FFT(CS_in a_l)) is exactly the CountSketch of the
+(dout × din) gradient under the hash (h_out + h_in) mod k, signs s_out·s_in. Unbiased (E⟨Sx, Sy⟩ =
+⟨x, y⟩, so scores stay comparable) with variance of the order of a dense JL map of the same k, at
+a cost n·L·(din + dout + k log k), used where that is cheaper than forming the gradient (e.g. a
+Linear layer applied once). Other blocks are formed and CountSketched (a sparse JL map, O(size)
+per example). ``dist`` is ignored (signs are Rademacher).
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-PROJECTION_KINDS = ("none", "dense", "factored")
+PROJECTION_KINDS = ("none", "dense", "factored", "sketch")
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
@@ -171,6 +181,8 @@ class Projector:
         return M
 
     def _fits(self) -> bool:
+        if self.spec.kind == "sketch":
+            return True  # hashes: O(din + dout + size) per block
         factor = sum(b.din * 1 + b.dout * 1 for b in self.layout) * self.spec.dim
         return (self.input_dim * self.spec.dim + factor) * 4 <= self.cache_bytes
 
@@ -187,10 +199,35 @@ class Projector:
         Pi = self._cached(("i", bi), lambda: random_matrix(b.din, k_in, self.spec.dist, k_in, self.spec.seed, 1, bi, 0))
         return Po, Pi
 
+    def hashes(self, bi: int, which: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """CountSketch (bucket, sign) of an m-dim factor of block ``bi`` (which: 0 input / full, 1 output)."""
+        def make():
+            rng = _rng(self.spec.seed, 2, bi, which)
+            h = rng.integers(0, self.spec.dim, size=m, dtype=np.int64)
+            sgn = (rng.integers(0, 2, size=m, dtype=np.int8) * 2 - 1).astype(np.float32)
+            return np.stack([h.astype(np.float64), sgn.astype(np.float64)])
+        hs = self._cached(("h", bi, which), make)
+        return hs[0].astype(np.int64), hs[1].astype(np.float32)
+
+    def _countsketch(self, x, bi: int, which: int):
+        """CountSketch of the last axis of x (torch, (..., m)) into k buckets."""
+        import torch
+
+        h, sgn = self.hashes(bi, which, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1]) * torch.from_numpy(sgn)
+        out = torch.zeros(flat.shape[0], self.spec.dim, dtype=flat.dtype)
+        out.index_add_(1, torch.from_numpy(h), flat)
+        return out.reshape(*x.shape[:-1], self.spec.dim)
+
     def uses_factors(self, bi: int) -> bool:
         """Whether block ``bi`` goes through the Kronecker factors (a function of shapes and k only)."""
         b = self.layout[bi]
-        return self.spec.kind == "factored" and b.kind == "outer" and b.size > self.spec.dim
+        if not (b.kind == "outer" and b.size > self.spec.dim):
+            return False
+        if self.spec.kind == "sketch":  # per position: TensorSketch ~ din+dout+3k·log2 k, forming d aᵀ ~ 2·din·dout
+            k = self.spec.dim
+            return b.din + b.dout + 3 * k * math.log2(k) < 2 * b.din * b.dout
+        return self.spec.kind == "factored"
 
     def check_layout(self, blocks: Sequence[Any]) -> None:
         """Raise ValueError when a chunk's blocks do not have the recorded layout."""
@@ -221,6 +258,9 @@ class Projector:
         out = np.zeros((n, k), dtype=np.float32)
         ot = torch.from_numpy(out)
         for bi, (blk, info) in enumerate(zip(blocks, self.layout)):
+            if self.spec.kind == "sketch":
+                self._sketch_block(ot, blk, info, bi)
+                continue
             if self.uses_factors(bi):
                 Po, Pi = self.factors(bi)
                 a = torch.from_numpy(np.ascontiguousarray(blk.a, dtype=np.float32))
@@ -238,6 +278,21 @@ class Projector:
                 self._dense_part(ot, torch.from_numpy(np.ascontiguousarray(m[:, c:c + size])), off)
                 c += size
         return out
+
+    def _sketch_block(self, ot, blk: Any, info: BlockInfo, bi: int) -> None:
+        """ot += TensorSketch of an outer block (or CountSketch of its materialized rows)."""
+        import torch
+
+        k = self.spec.dim
+        if self.uses_factors(bi):
+            a = torch.from_numpy(np.ascontiguousarray(blk.a, dtype=np.float32))
+            d = torch.from_numpy(np.ascontiguousarray(blk.d, dtype=np.float32))
+            fa = torch.fft.rfft(self._countsketch(a, bi, 0), n=k)  # (n, L, k//2+1)
+            fd = torch.fft.rfft(self._countsketch(d, bi, 1), n=k)
+            ot += torch.fft.irfft((fa * fd).sum(dim=1), n=k)
+            return
+        m = torch.from_numpy(np.ascontiguousarray(blk.materialize(), dtype=np.float32))
+        ot += self._countsketch(m, bi, 0)
 
     def _dense_part(self, ot, G, off: int) -> None:
         """ot += G @ P[off:off+size] for one parameter's columns G (torch views)."""

@@ -88,7 +88,7 @@ def test_factored_equals_explicit_kronecker_projection(tiny):
     np.testing.assert_allclose(V, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["dense", "factored"])
+@pytest.mark.parametrize("kind", ["dense", "factored", "sketch"])
 def test_independent_of_batch_size(tiny, kind):
     eng, X, y, blocks, layout = tiny
     pr = Projector(ProjectionSpec(kind, 64, seed=3), layout)
@@ -98,7 +98,7 @@ def test_independent_of_batch_size(tiny, kind):
 
 
 @pytest.mark.parametrize("kind,dist", [("dense", "rademacher"), ("dense", "gaussian"), ("factored", "rademacher"),
-                                       ("factored", "gaussian")])
+                                       ("factored", "gaussian"), ("sketch", "rademacher")])
 def test_jl_normalized_inner_products_unbiased(tiny, kind, dist):
     """Mean over seeds of projected inner products equals the exact ones (scores comparable)."""
     eng, X, y, blocks, layout = tiny
@@ -118,6 +118,31 @@ def test_jl_normalized_inner_products_unbiased(tiny, kind, dist):
     scale = np.sqrt(np.outer(np.diag(exact), np.diag(exact)))
     assert np.max(np.abs(acc / seeds - exact) / scale) < 0.12
     assert np.mean(np.diag(acc / seeds) / np.diag(exact)) == pytest.approx(1.0, abs=0.08)  # ~3 sigma
+
+
+def test_sketch_equals_countsketch_of_the_formed_gradient(tiny):
+    """TensorSketch of the factors = CountSketch of d aᵀ under hash (h_out + h_in) mod k, sign s_out·s_in."""
+    eng, X, y, blocks, layout = tiny
+    k = 64
+    pr = Projector(ProjectionSpec("sketch", k, seed=9), layout)
+    V = pr.project(blocks)
+    ref = np.zeros((len(V), k))
+    for bi, (b, info) in enumerate(zip(blocks, layout)):
+        if pr.uses_factors(bi):
+            hi, si = pr.hashes(bi, 0, info.din)
+            ho, so = pr.hashes(bi, 1, info.dout)
+            Gm = np.einsum("nlo,nli->noi", b.d.astype(np.float64), b.a.astype(np.float64))
+            bucket = (ho[:, None] + hi[None, :]) % k
+            sign = so[:, None] * si[None, :]
+            for j in range(len(V)):
+                np.add.at(ref[j], bucket.ravel(), (sign * Gm[j]).ravel())
+        else:
+            h, sg = pr.hashes(bi, 0, info.size)
+            m = b.materialize().astype(np.float64)
+            for j in range(len(V)):
+                np.add.at(ref[j], h, sg * m[j])
+    assert any(pr.uses_factors(i) for i in range(len(layout)))
+    np.testing.assert_allclose(V, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_memory_bounded_cache(tiny):
