@@ -6,13 +6,13 @@ On the seed CNN (~413k parameters, trained on the spot) with 20,000 digits examp
   the ceiling, not per-example), alibi's approach (a per-example loop copying each flattened
   gradient into one in-memory matrix) and the raw gradient engine;
 * full ``build_index`` runs (config → gradients → projection → shards → FAISS + SQLite), each in
-  its own process so its peak RSS is its own: exact (no projection), dense-blockwise projection
-  and the factored (Kronecker) projection at k = 512, 2048, 8192;
+  its own process so its peak RSS is its own: exact (no projection), dense-blockwise projection,
+  the factored (Kronecker) projection and the TensorSketch at k = 512, 2048, 8192;
 * fidelity of projected to exact grad_dot (and grad_cos) scores: mean Spearman over queries and
   recall@10 of the exact top-10, for held-out queries.
 
 Exact and dense builds cost n·D (·k) per example whatever we do, so they run on a subset (printed);
-factored builds run on all examples. Threads are pinned (``--threads``, default 1).
+factored and sketch builds run on all examples. Threads are pinned (``--threads``, default 1).
 
     python benchmarks/bench_build.py            # full run (several minutes)
     python benchmarks/bench_build.py --quick    # a tiny version (under a minute)
@@ -38,6 +38,13 @@ OUT = ROOT / "benchmarks" / "out" / "build"
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of this process image (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -103,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 
     quick = args.quick
     n = args.n or (600 if quick else 20_000)
-    n_exact = 64 if quick else 1000
-    n_dense = {512: 64, 2048: 64, 8192: 32} if quick else {512: 1024, 2048: 512, 8192: 256}
-    n_loop = 64 if quick else 400
+    n_exact = 32 if quick else 1000
+    n_dense = {512: 32, 2048: 16, 8192: 16} if quick else {512: 1024, 2048: 512, 8192: 256}
+    n_loop = 32 if quick else 400
     n_q = 10 if quick else 50
-    ks = (512, 2048) if quick else (512, 2048, 8192)
+    ks = (2048,) if quick else (512, 2048, 8192)
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"# bench_build: n={n:,} threads={args.threads} quick={quick}")
 
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     loss_fn = torch.nn.CrossEntropyLoss()
 
     # ---- baselines, same run -------------------------------------------------------------------
-    nb = min(n, 512 if quick else 4096)
+    nb = min(n, 256 if quick else 4096)
     Xt, yt = torch.as_tensor(X[:nb]), torch.as_tensor(y[:nb])
     t = time.perf_counter()
     for s in range(0, nb, 256):
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("exact", "kind = \"none\"", n_exact, 256)]
     runs += [(f"dense{k}", f'kind = "dense"\ndim = {k}\nseed = 0', n_dense[k], n_dense[k]) for k in ks]
     runs += [(f"factored{k}", f'kind = "factored"\ndim = {k}\nseed = 0', n, 256) for k in ks]
+    runs += [(f"sketch{k}", f'kind = "sketch"\ndim = {k}\nseed = 0', n, 256) for k in ks]
     results = {}
     from tqdm import tqdm
 
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- targets -------------------------------------------------------------------------------
     print("\ntargets (k = 2048):")
-    for name in ("factored2048", "dense2048"):
+    for name in ("sketch2048", "factored2048", "dense2048"):
         if name in results:
             r = results[name]
             ok_speed = r["eps"] >= 0.5 * backward_eps
