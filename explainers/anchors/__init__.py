@@ -14,7 +14,7 @@ _EXPORTS = {
     "AnchorText": ".text",
     "LanguageModel": ".text",
     "AnchorImage": ".image",
-    "Explanation": ".base",
+    "Explanation": ".base",  # re-export of explainers.explanation.Explanation
     "Predictor": ".base",
     "explain_anchors": ".serve",
 }

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
+
+from explainers.explanation import Explanation  # noqa: F401  (re-exported: one class for every explainer)
 
 logger = logging.getLogger(__name__)
 
@@ -53,38 +54,6 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(
 )
 
 PREDICTOR_TYPES = ("class", "proba")
-
-
-# --------------------------------------------------------------------------------------------------
-# Explanation
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class Explanation:
-    """An explanation: ``meta`` (explainer name, type, parameters) and ``data`` (the results).
-
-    Like alibi's ``Explanation``, every key of ``data`` is also an attribute, so ``exp.anchor``,
-    ``exp.precision``, ``exp.coverage`` and ``exp.raw`` work as they do in alibi. Nothing in it is
-    anchor-specific, so other explainers can return it too.
-    """
-
-    meta: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)
-
-    def __getattr__(self, name: str) -> Any:
-        # only called when normal lookup fails; guard the dataclass fields against recursion
-        if name in ("meta", "data"):
-            raise AttributeError(name)
-        try:
-            return self.data[name]
-        except KeyError:
-            raise AttributeError(f"{type(self).__name__} has no attribute or data key {name!r}") from None
-
-    def __getitem__(self, key: str) -> Any:
-        return self.data[key]
-
-    def to_dict(self) -> dict:
-        """Plain ``{'meta': ..., 'data': ...}`` (arrays stay arrays)."""
-        return {"meta": self.meta, "data": self.data}
 
 
 # --------------------------------------------------------------------------------------------------
