@@ -465,6 +465,27 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
             if which == "image":
                 params.setdefault("image_shape", list(x.shape))
         shape = served.info.get("input_shape") or []
+        # Checked here against the registered model's input shape: otherwise the model itself fails
+        # on the first prediction and the client gets INTERNAL instead of what to fix.
+        if which == "row" and shape:
+            if len(shape) != 1:
+                raise RpcError(SC.INVALID_ARGUMENT, f"model {request.model!r} takes inputs of shape {list(shape)}, "
+                               "not tabular rows; send an image")
+            if np.ndim(params["instance"]) == 1 and len(params["instance"]) != shape[0]:
+                raise RpcError(SC.INVALID_ARGUMENT, f"row has {len(params['instance'])} features; model "
+                               f"{request.model!r} takes {shape[0]} features")
+        if which == "image" and shape:
+            x = params["image"]
+            if len(shape) == 3:
+                hwc = (shape[1], shape[2], shape[0]) if served.info.get("framework") == "pytorch" else tuple(shape)
+            elif len(shape) == 2:
+                hwc = (*shape, 1)
+            else:
+                raise RpcError(SC.INVALID_ARGUMENT, f"model {request.model!r} takes inputs of shape {list(shape)}, "
+                               "not images; send a row")
+            if tuple(x.shape) != hwc and not (x.ndim == 2 and hwc[2] == 1 and tuple(x.shape) == hwc[:2]):
+                raise RpcError(SC.INVALID_ARGUMENT, f"image has shape {list(x.shape)}; model {request.model!r} "
+                               f"takes channel-last images of shape {list(hwc)}")
         engine = served.index.embedder().engines[-1]
         # Anchors hands images over channel-last (n, H, W, C); a PyTorch model wants (n, C, H, W).
         to_model = (lambda X: np.moveaxis(np.asarray(X), -1, 1)) if (
