@@ -11,12 +11,17 @@ defaults, and with three deliberate differences:
   that still need samples to certify precision), the perturbed samples of all of them go to the
   predictor in ONE call. The statistics are identical to sampling them one by one; the predictor's
   per-call overhead (a scikit-learn forest spends milliseconds per call) is paid once.
-* **All blocking arms per KL-LUCB round** (``lucb_arms=None``, the default): each round samples the
+* **All blocking arms per KL-LUCB round** (``lucb_arms=None``): each round samples the
   two critical arms *and* every other arm whose upper bound still exceeds the best arm's lower bound
   by more than ``tau`` (which must all be sampled before the stopping rule can fire anyway). Bounds,
   stopping rule and certification are unchanged; on a 90-predicate tabular problem the rounds (and
   predictor calls) drop ~25x for about the same number of samples. ``lucb_arms=2`` restores the
-  paper's and alibi's sampling rule exactly.
+  paper's and alibi's sampling rule exactly. The default ``'auto'`` takes the sampler's
+  ``lucb_arms_auto``: all blocking arms for tabular and text (the predictors there cost per *call*:
+  a scikit-learn forest spends ~5 ms per call and microseconds per row), 2 for images (a CNN costs
+  per *row*: ~0.4 ms per 28x28 image vs ~0.5 ms per call, so extra arms cost more than the rounds
+  they save; measured in ``benchmarks/bench_anchors.py``). It is a fixed rule per modality, not a
+  timing measurement, so the same seed still gives the same anchor.
 * **Ties are broken by coverage.** When two arms have exactly the same empirical precision, the one
   with the larger coverage ranks higher, which is what the paper's objective (maximise coverage under
   the precision constraint) asks for; alibi breaks such ties by candidate order.
@@ -50,7 +55,7 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(
     n_covered_ex=10,
     binary_cache_size=10000,
     cache_margin=1000,
-    lucb_arms=None,
+    lucb_arms="auto",
 )
 
 PREDICTOR_TYPES = ("class", "proba")
@@ -494,13 +499,19 @@ def run_search(sampler: Sampler, seed: int | None, *, threshold: float, delta: f
                batch_size: int, coverage_samples: int, beam_size: int, stop_on_first: bool,
                max_anchor_size: int | None, min_samples_start: int, n_covered_ex: int,
                binary_cache_size: int, cache_margin: int, rng: np.random.Generator | None = None,
-               lucb_arms: int | None = None) -> dict:
-    """Validate the knobs, make the local generator, run the beam search; return alibi's raw result dict."""
+               lucb_arms: int | str | None = "auto") -> dict:
+    """Validate the knobs, make the local generator, run the beam search; return alibi's raw result dict.
+
+    ``lucb_arms``: arms sampled per KL-LUCB round: ``2`` (the paper's rule), an integer > 2, ``None``
+    (every blocking arm) or ``'auto'`` (the sampler's ``lucb_arms_auto``; None when it has none).
+    """
     validate_search_params(threshold, delta, tau, batch_size, coverage_samples, beam_size, max_anchor_size,
                            min_samples_start, n_covered_ex, binary_cache_size, cache_margin)
+    if isinstance(lucb_arms, str) and lucb_arms == "auto":
+        lucb_arms = getattr(sampler, "lucb_arms_auto", None)
     if lucb_arms is not None and (isinstance(lucb_arms, bool) or not isinstance(lucb_arms, (int, np.integer))
                                   or lucb_arms < 2):
-        raise ValueError(f"lucb_arms must be None or an integer >= 2, got {lucb_arms!r}")
+        raise ValueError(f"lucb_arms must be 'auto', None or an integer >= 2, got {lucb_arms!r}")
     rng = rng if rng is not None else np.random.default_rng(seed)
     search = AnchorSearch(sampler, rng, batch_size=int(batch_size), n_covered_ex=n_covered_ex,
                           binary_cache_size=int(binary_cache_size), cache_margin=int(cache_margin),

@@ -325,7 +325,7 @@ class AnchorTabular:
                 stop_on_first: bool = False, max_anchor_size: int | None = None, min_samples_start: int = 100,
                 n_covered_ex: int = 10, binary_cache_size: int = 10000, cache_margin: int = 1000,
                 verbose: bool = False, verbose_every: int = 1, seed: int | None = None,
-                lucb_arms: int | None = None,
+                lucb_arms: int | str | None = "auto",
                 **kwargs: Any) -> Explanation:
         """Find an anchor for the prediction on the single row ``X`` (see alibi's docs for the knobs).
 

@@ -553,7 +553,7 @@ class AnchorText:
                 stop_on_first: bool = True, max_anchor_size: int | None = None, min_samples_start: int = 100,
                 n_covered_ex: int = 10, binary_cache_size: int = 10000, cache_margin: int = 1000,
                 verbose: bool = False, verbose_every: int = 1, seed: int | None = None,
-                lucb_arms: int | None = None,
+                lucb_arms: int | str | None = "auto",
                 **kwargs: Any) -> Explanation:
         """Explain the prediction on ``text``; the anchor is a list of words."""
         if not isinstance(text, str):
