@@ -76,6 +76,16 @@ class VAE(nn.Module):
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
         return rec + kl
 
+    def neg_elbo_sampled(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-example negative ELBO (n,) with one fresh noise draw per example (for training:
+        unbiased for every example, unlike one draw shared by a whole batch)."""
+        xf = self._flat(x)
+        mu, logvar = self.encode(xf)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+        rec = F.binary_cross_entropy_with_logits(self.dec(z), xf, reduction="none").sum(-1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+        return rec + kl
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.neg_elbo(x, self.noise)
 
@@ -93,8 +103,13 @@ def _check_X(X: np.ndarray) -> np.ndarray:
 
 def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[str] | None = None,
               lr: float = 2e-3, batch_size: int = 64, hidden: int = 128, latent: int = 8,
-              n_samples: int = 8) -> VAE:
-    """Train a VAE on X (n, 1, 28, 28) in [0, 1] with Adam; return it in eval mode.
+              n_samples: int = 8, optimizer: str = "adam") -> VAE:
+    """Train a VAE on X (n, 1, 28, 28) in [0, 1]; return it in eval mode.
+
+    ``optimizer``: "adam" (default) or "sgd" (plain SGD, no momentum: the VAE-TracIn paper's
+    recipe, Kong & Chaudhuri 2021, and the one TracIn's first-order analysis assumes; see
+    docs/influence.md for why it matters to the self-proponent check). Every example of a batch
+    draws its own reparameterization noise (one sample per example and step).
 
     Deterministic for a given seed (weights, batch order and training noise are seeded; the fixed
     noise buffer of the loss is seeded by ``seed`` too). ``checkpoints``: optional paths where the
@@ -102,6 +117,8 @@ def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[
     there are ``epochs`` of them), for TracIn; the learning rate is ``lr`` at every checkpoint,
     recorded as ``vae.train_lr``.
     """
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     X = _check_X(X)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -113,7 +130,7 @@ def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[
     save_at = {round((k + 1) * epochs / C): p for k, p in enumerate(checkpoints)} if C else {}
     torch.manual_seed(seed)
     vae = VAE(int(np.prod(X.shape[1:])), hidden=hidden, latent=latent, n_samples=n_samples, noise_seed=seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(vae.parameters(), lr=lr)
     Xt = torch.as_tensor(X.reshape(len(X), -1))
     g = torch.Generator().manual_seed(seed)
     vae.train()
@@ -121,9 +138,8 @@ def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[
         perm = torch.randperm(len(Xt), generator=g)
         for i in range(0, len(Xt), batch_size):
             xb = Xt[perm[i:i + batch_size]]
-            eps = torch.randn(1, latent, generator=g)
             opt.zero_grad()
-            vae.neg_elbo(xb, eps).mean().backward()
+            vae.neg_elbo_sampled(xb, g).mean().backward()
             opt.step()
         if epoch + 1 in save_at:
             path = save_at[epoch + 1]
