@@ -200,3 +200,19 @@ def test_cli_proponents_and_ranking_over_a_tracin_index(tmp_path, capsys):
     np.testing.assert_array_equal(lo, np.argsort(si, kind="stable")[:5])
     np.testing.assert_allclose(hs, np.sort(si)[::-1][:5], rtol=1e-4)
     assert build_parser() is not None  # the assembled parser still builds with this module importable
+
+
+def test_vae_example_quick_writes_png(tmp_path, capsys):
+    """The unsupervised example end to end (tiny): a PNG and the sanity-check line."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "vae" / "vae_influence.py"
+    spec = importlib.util.spec_from_file_location("vae_influence_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "vae.png"
+    assert mod.main(["--quick", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = capsys.readouterr().out
+    assert "own strongest proponent" in text and "proponents' labels" in text
