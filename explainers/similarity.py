@@ -85,10 +85,11 @@ class _GradStore:
                 self.A[fi][s:s + n] = b.a[:, 0]
                 self.D[fi][s:s + n] = b.d[:, 0]
                 fi += 1
+                self.sq[s:s + n] += b.sq_norms()
             else:
-                b.materialize(self.full[s:s + n, col:col + b.size])
+                rows = b.materialize(self.full[s:s + n, col:col + b.size])
                 col += b.size
-            self.sq[s:s + n] += b.sq_norms()
+                self.sq[s:s + n] += np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
 
     def dots(self, other: "_GradStore") -> np.ndarray:
         """Gradient inner products (m, n) between the rows of ``self`` and of ``other``."""
@@ -160,24 +161,31 @@ class GradientSimilarity:
         self._store = self._compute_store(X_train, Y_train) if self.precompute_grads else None
         return self
 
-    def _fit_chunk(self, n: int) -> int:
-        # Small chunks keep the transient memory of fit a small fraction of what it stores.
-        return max(8, min(self.engine.chunk_size, n // 40 or 8))
-
     def _compute_store(self, X: np.ndarray, Y: np.ndarray | None, chunk: int | None = None) -> _GradStore:
+        """Gradients of X in compact form. ``chunk=None`` (fit): size chunks so that the transient
+        memory of a chunk (its per-layer blocks) stays about 2% of the store, measured on a first
+        chunk of 8 examples, which keeps fit's peak memory close to what it keeps."""
         store = None
         bar = None
         if self.verbose:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(X), desc="gradients", unit="ex")
-        for s, blocks in self.engine.iter_blocks(X, Y, chunk or self._fit_chunk(len(X))):
-            if store is None:
-                dtype = np.float64 if blocks[0].n and _dtype_of(blocks[0]) == np.float64 else np.float32
-                store = _GradStore(_Layout.of(blocks), len(X), dtype)
-            store.put(s, blocks)
-            if bar is not None:
-                bar.update(blocks[0].n)
+        start, step = 0, chunk or 8
+        while start < len(X):
+            stop = start + step
+            for s, blocks in self.engine.iter_blocks(X[start:stop], None if Y is None else Y[start:stop], step):
+                if store is None:
+                    dtype = np.float64 if _dtype_of(blocks[0]) == np.float64 else np.float32
+                    store = _GradStore(_Layout.of(blocks), len(X), dtype)
+                store.put(start + s, blocks)
+                if bar is not None:
+                    bar.update(blocks[0].n)
+                if chunk is None and start == 0:
+                    per_example = sum(_block_bytes(b) for b in blocks) / blocks[0].n
+                    per_stored = store.nbytes / len(X)
+                    step = int(np.clip(0.02 * len(X) * per_stored / per_example, 8, self.engine.chunk_size))
+            start = stop
         if bar is not None:
             bar.close()
         return store
@@ -249,6 +257,11 @@ class GradientSimilarity:
             "least_similar": self.X_train[order[:, ::-1][:, :k]],
         }
         return Explanation(meta=dict(self.meta, params=dict(self.meta["params"])), data=data)
+
+
+def _block_bytes(b: Block) -> int:
+    """Bytes of a block's arrays: the transient memory one chunk of gradients holds."""
+    return int(sum(x.nbytes for x in (b.full, b.a, b.d) if x is not None))
 
 
 def _dtype_of(b: Block) -> Any:
