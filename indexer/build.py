@@ -55,6 +55,7 @@ class BuildResult:
     seconds: float
     chunks_computed: int
     chunks_resumed: int
+    compute_seconds: float = 0.0  # time in the chunk loop (gradients, projection, shards, commits)
 
 
 def set_threads(n: int) -> None:
@@ -125,8 +126,9 @@ class Embedder:
         for eng, lr in zip(self.engines, self.lrs):
             rows, sqs = [], []
             for _, blocks in eng.iter_blocks(X, Y):
-                rows.append(self.projector.project(blocks))
-                sqs.append(np.sum([b.sq_norms() for b in blocks], axis=0))
+                V, sq = self.projector.project_with_norms(blocks)
+                rows.append(V)
+                sqs.append(sq)
             V = np.concatenate(rows)
             sq = np.concatenate(sqs)
             if lr != 1.0:
@@ -340,6 +342,7 @@ def _build(cfg: BuildConfig, cat: Catalog, dataset: Any, resume: bool, replace: 
     with cat.session() as s:
         done = {c for (c,) in s.execute(select(BuildChunk.chunk).where(BuildChunk.build_id == build_id))}
         rows_done = s.get(Build, build_id).rows_done
+    t_compute = time.perf_counter()
     try:
         if engine == "ray":
             from indexer.ray_build import ray_compute
@@ -353,6 +356,7 @@ def _build(cfg: BuildConfig, cat: Catalog, dataset: Any, resume: bool, replace: 
                     path = compute_chunk(emb, cfg.kernel, batch, c, c * cs, chunk_dir)
                     bar.update(commit_chunk(cat, build_id, index_id, c, path))
                     computed += 1
+        t_compute = time.perf_counter() - t_compute
         result = _finalize(cfg, cat, index_id, build_id, chunk_dir, replace_flag)
     except BaseException as exc:
         with cat.session() as s, s.begin():
@@ -361,7 +365,7 @@ def _build(cfg: BuildConfig, cat: Catalog, dataset: Any, resume: bool, replace: 
                 bb.status, bb.error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     return BuildResult(name, version, index_id, result[0], emb.dim, result[1], result[2], time.perf_counter() - t0,
-                       computed, len(done))
+                       computed, len(done), t_compute)
 
 
 def _drop_index(cat: Catalog, s: Any, row: IndexRow) -> None:

@@ -241,14 +241,42 @@ class Projector:
 
     def project(self, blocks: Sequence[Any]) -> np.ndarray:
         """Projected (n, dim) float32 rows for the blocks of one chunk (flat gradient when kind='none')."""
+        return self.project_with_norms(blocks, norms=False)[0]
+
+    def project_with_norms(self, blocks: Sequence[Any], norms: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(projected rows, exact squared gradient norms (n,) float64 or None).
+
+        The norms come from the blocks (rank-one factors directly, other blocks from the gradient
+        that is formed anyway), so a block is never formed twice.
+        """
+        self.check_layout(blocks)
+        cache: dict[int, np.ndarray] = {}
+
+        def mat(bi: int, blk: Any) -> np.ndarray:
+            if bi not in cache:
+                cache[bi] = np.asarray(blk.materialize(), dtype=np.float32)
+            return cache[bi]
+
+        V = self._project(blocks, mat)
+        if not norms:
+            return V, None
+        sq = np.zeros(len(V), dtype=np.float64)
+        for bi, blk in enumerate(blocks):
+            if blk.kind == "outer" and blk.a.shape[1] == 1 and getattr(blk, "has_weight", True) and bi not in cache:
+                sq += blk.sq_norms()
+            else:
+                m = mat(bi, blk)
+                sq += np.einsum("ij,ij->i", m, m, dtype=np.float64)
+        return V, sq
+
+    def _project(self, blocks: Sequence[Any], mat) -> np.ndarray:
         import torch
 
-        self.check_layout(blocks)
         n = blocks[0].n
         if self.spec.kind == "none":
             out = np.empty((n, self.input_dim), dtype=np.float32)
-            for blk, info in zip(blocks, self.layout):
-                m = blk.materialize()
+            for bi, (blk, info) in enumerate(zip(blocks, self.layout)):
+                m = mat(bi, blk)
                 c = 0
                 for _, off, size in info.parts:
                     out[:, off:off + size] = m[:, c:c + size]
@@ -259,7 +287,7 @@ class Projector:
         ot = torch.from_numpy(out)
         for bi, (blk, info) in enumerate(zip(blocks, self.layout)):
             if self.spec.kind == "sketch":
-                self._sketch_block(ot, blk, info, bi)
+                self._sketch_block(ot, blk, info, bi, mat)
                 continue
             if self.uses_factors(bi):
                 Po, Pi = self.factors(bi)
@@ -272,14 +300,14 @@ class Projector:
                 else:
                     ot += torch.bmm(pd.transpose(1, 2), pa).reshape(n, k)
                 continue
-            m = np.asarray(blk.materialize(), dtype=np.float32)
+            m = mat(bi, blk)
             c = 0
             for _, off, size in info.parts:
                 self._dense_part(ot, torch.from_numpy(np.ascontiguousarray(m[:, c:c + size])), off)
                 c += size
         return out
 
-    def _sketch_block(self, ot, blk: Any, info: BlockInfo, bi: int) -> None:
+    def _sketch_block(self, ot, blk: Any, info: BlockInfo, bi: int, mat) -> None:
         """ot += TensorSketch of an outer block (or CountSketch of its materialized rows)."""
         import torch
 
@@ -291,7 +319,7 @@ class Projector:
             fd = torch.fft.rfft(self._countsketch(d, bi, 1), n=k)
             ot += torch.fft.irfft((fa * fd).sum(dim=1), n=k)
             return
-        m = torch.from_numpy(np.ascontiguousarray(blk.materialize(), dtype=np.float32))
+        m = torch.from_numpy(np.ascontiguousarray(mat(bi, blk)))
         ot += self._countsketch(m, bi, 0)
 
     def _dense_part(self, ot, G, off: int) -> None:
