@@ -145,3 +145,18 @@ def test_bad_arguments() -> None:
         ex.explain(IMG[:, :20])
     with pytest.raises(ValueError, match="p_sample"):
         ex.explain(IMG, p_sample=1.5)
+
+
+def test_lucb_arms_auto_is_the_paper_rule_for_images() -> None:
+    """'auto' (the default) samples the two critical arms per KL-LUCB round for images: identical
+    to lucb_arms=2 (same anchor, same number of predictor rows), and fewer rows than every blocking arm."""
+    ex = AnchorImage(keyed, IMG.shape, segmentation_fn=grid, seed=0)
+    rows = {}
+    for arms in ("auto", 2, None):
+        before = ex.predictor.rows
+        exp = ex.explain(IMG, lucb_arms=arms, **FAST)
+        rows[arms] = ex.predictor.rows - before
+        assert sorted(exp.raw["feature"]) == [1, 5]
+    assert rows["auto"] == rows[2] <= rows[None]
+    with pytest.raises(ValueError, match="lucb_arms"):
+        ex.explain(IMG, lucb_arms="all")
