@@ -56,13 +56,46 @@ def pin(threads: int) -> None:
     threadpool_limits(threads)
 
 
+def backward_rate(model, X: np.ndarray, y: np.ndarray) -> float:
+    """Examples/s of one ordinary batched backward pass (mean loss, batch 256): the ceiling."""
+    import torch
+
+    loss_fn = torch.nn.CrossEntropyLoss()
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+    model.zero_grad()
+    loss_fn(model(Xt[:256]), yt[:256]).backward()  # warm-up
+    t = time.perf_counter()
+    for s in range(0, len(Xt), 256):
+        model.zero_grad()
+        loss_fn(model(Xt[s:s + 256]), yt[s:s + 256]).backward()
+    return len(Xt) / (time.perf_counter() - t)
+
+
 def child(cfg: str, wd: str) -> None:
-    """Run one build in this process and print its figures as JSON (peak RSS is this process's)."""
+    """Run one build in this process and print its figures as JSON (peak RSS is this process's).
+
+    The batched-backward baseline is measured in the same process just before and after the build
+    (median of the two), so that the ratio is taken under the same machine load.
+    """
+    import tomllib
+
+    import torch
+
     from indexer.build import build_index
 
+    c = tomllib.loads(Path(cfg).read_text())
+    z = np.load(c["data"]["path"])
+    X, y = z["X"][:2048], z["y"][:2048]
+    from indexer.demo import digits_cnn_torch
+
+    m = digits_cnn_torch()
+    m.load_state_dict(torch.load(c["model"]["weights"], weights_only=True))
+    m.eval()
+    b0 = backward_rate(m, X, y)
     r = build_index(cfg, wd, progress=False, replace=True)
-    print("RESULT " + json.dumps({"count": r.count, "seconds": r.seconds, "dim": r.dim,
-                                  "rss_mb": peak_rss_mb()}))
+    b1 = backward_rate(m, X, y)
+    print("RESULT " + json.dumps({"count": r.count, "seconds": r.seconds, "compute_seconds": r.compute_seconds,
+                                  "dim": r.dim, "rss_mb": peak_rss_mb(), "backward_eps": (b0 + b1) / 2}))
 
 
 def write_config(path: Path, name: str, data: Path, weights: Path, limit: int, proj: str, chunk: int,
@@ -177,13 +210,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: failed\n{p.stderr[-2000:]}")
             continue
         results[name] = json.loads(line[0][7:])
-    print(f"\n{'build':<12} {'examples':>9} {'dim':>8} {'ex/s':>8} {'x backward':>11} {'x alibi loop':>13} "
-          f"{'peak RSS MB':>12}")
+    print("\nex/s: end to end (config, model load, data checks, gradients, shards, catalog, FAISS) and in the chunk "
+          "loop; 'x backward': chunk-loop rate over a batched backward measured in the same process")
+    print(f"{'build':<12} {'examples':>9} {'dim':>8} {'e2e ex/s':>9} {'loop ex/s':>10} {'backward':>9} "
+          f"{'x backward':>11} {'x alibi loop':>13} {'peak RSS MB':>12}")
     for name, r in results.items():
-        eps = r["count"] / r["seconds"]
-        r["eps"] = eps
-        print(f"{name:<12} {r['count']:>9,} {r['dim']:>8,} {eps:>8.0f} {eps / backward_eps:>11.2f} "
-              f"{eps / loop_eps:>13.2f} {r['rss_mb']:>12.0f}")
+        r["eps"] = r["count"] / r["compute_seconds"]
+        r["ratio"] = r["eps"] / r["backward_eps"]
+        print(f"{name:<12} {r['count']:>9,} {r['dim']:>8,} {r['count'] / r['seconds']:>9.0f} {r['eps']:>10.0f} "
+              f"{r['backward_eps']:>9.0f} {r['ratio']:>11.2f} {r['eps'] / loop_eps:>13.2f} {r['rss_mb']:>12.0f}")
 
     # ---- fidelity: projected vs exact scores on held-out queries ---------------------------------
     from indexer.query import open_index
@@ -228,10 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("sketch2048", "factored2048", "dense2048"):
         if name in results:
             r = results[name]
-            ok_speed = r["eps"] >= 0.5 * backward_eps
-            ok_rss = r["rss_mb"] <= 2048 or r["count"] < n
+            ok_speed = r["ratio"] >= 0.5
             f = fid.get(name, [float("nan")] * 4)
-            print(f"  {name}: speed {r['eps']:.0f} ex/s = {r['eps'] / backward_eps:.2f}x backward (target >= 0.5: "
+            print(f"  {name}: speed {r['eps']:.0f} ex/s = {r['ratio']:.2f}x backward (target >= 0.5: "
                   f"{'met' if ok_speed else 'MISSED'}); peak RSS {r['rss_mb']:.0f} MB on {r['count']:,} examples "
                   f"(target <= 2048 MB for {n:,}: {'met' if r['rss_mb'] <= 2048 else 'MISSED'}); "
                   f"grad_dot Spearman {f[0]:.3f} (>= 0.95: {'met' if f[0] >= 0.95 else 'MISSED'}), "
