@@ -121,10 +121,12 @@ def _vae_check(tag, vae, ckpts, Xt, n_samples):
         Gc = G - G.mean(0)
         Sc += lr * (Gc @ Gc.T)
         shared = np.linalg.norm(G.mean(0)) / np.linalg.norm(G, axis=1).mean()  # at the last checkpoint
+    own_last = self_proponent_rate(G @ G.T)
     own = self_proponent_rate(S)
     ranks = (S > np.diag(S)[:, None]).sum(axis=1)
     miss = f"misses: self ranked {np.median(ranks[ranks > 0]) + 1:.0f} (median)" if (ranks > 0).any() else "no misses"
-    print(f"  {tag:44s} own strongest proponent {own * 100:6.2f}%   ||mean g||/mean||g|| {shared:.2f}   "
+    print(f"  {tag:44s} own strongest proponent {own * 100:6.2f}% (last ckpt alone {own_last * 100:.2f}%)   "
+          f"||mean g||/mean||g|| {shared:.2f}   "
           f"mean-removed {self_proponent_rate(Sc) * 100:6.2f}%   {miss}  ({time.perf_counter() - t:.0f}s)")
     return own, tr
 
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     args.pairs, args.repeats = (3, 2) if q else (10, 3)
     args.n_vae, args.n_cnn, args.n_query = (150, 400, 40) if q else (500, 1000, 200)
     args.cnn_epochs, args.vae_epochs = (3, 6) if q else (3, 30)
-    args.sgd_epochs, args.sgd_ckpts, args.vae_samples = (40, 4, 8) if q else (400, 10, 8)
+    args.sgd_epochs, args.sgd_ckpts, args.vae_samples = (40, 4, 8) if q else (400, 10, 64)
 
     import torch
 

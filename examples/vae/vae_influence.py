@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=400, help="SGD epochs")
     ap.add_argument("--checkpoints", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--samples", type=int, default=8, help="encoder samples averaged in the loss")
+    ap.add_argument("--samples", type=int, default=64, help="encoder samples averaged in the loss (shared by all examples: more = less common bias)")
     ap.add_argument("--queries", type=int, default=4, help="held-out test digits to explain")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.n, args.epochs, args.checkpoints, args.queries, args.k = 120, 20, 2, 2, 3
+        args.n, args.epochs, args.checkpoints, args.queries, args.k, args.samples = 120, 20, 2, 2, 3, 8
 
     import torch
 
