@@ -224,9 +224,11 @@ class Projector:
         b = self.layout[bi]
         if not (b.kind == "outer" and b.size > self.spec.dim):
             return False
-        if self.spec.kind == "sketch":  # per position: TensorSketch ~ din+dout+3k·log2 k, forming d aᵀ ~ 2·din·dout
+        if self.spec.kind == "sketch":
+            # per position: TensorSketch ~ din + dout + 3·k·log2 k FFT flops (counted twice: an FFT flop is
+            # slower than a GEMM flop), forming d aᵀ ~ 2·din·dout GEMM flops. Depends on shapes and k only.
             k = self.spec.dim
-            return b.din + b.dout + 3 * k * math.log2(k) < 2 * b.din * b.dout
+            return b.din + b.dout + 6 * k * math.log2(k) < 2 * b.din * b.dout
         return self.spec.kind == "factored"
 
     def check_layout(self, blocks: Sequence[Any]) -> None:
