@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that expose ``register(subparsers) -> None``; each sets ``func`` on its parsers.
-COMMAND_MODULES = ("indexer.cli", "server.commands")
+COMMAND_MODULES = ("indexer.cli", "indexer.diagnostics_cli", "server.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
