@@ -109,14 +109,26 @@ class Block:
         return np.einsum("ij,ij->i", m, m, dtype=np.float64)
 
 
-def select_names(names: Sequence[str], patterns: Sequence[str] | str | None) -> list[str]:
-    """Names matching any regex in ``patterns`` (all names when None), in the given order."""
+def select_names(names: Sequence[str], patterns: Sequence[str] | str | None,
+                 layer_names: dict[int, list[str]] | None = None) -> list[str]:
+    """Names selected by ``patterns`` (all names when None), in the given order.
+
+    Each pattern is a regex searched in the parameter name, or a layer object (torch module or Keras
+    layer) whose own parameters are taken; ``layer_names`` maps ``id(layer)`` to those names.
+    """
     if patterns is None:
         return list(names)
-    if isinstance(patterns, str):
+    if isinstance(patterns, str) or not isinstance(patterns, (list, tuple, set)):
         patterns = [patterns]
-    regs = [re.compile(p) for p in patterns]
-    return [n for n in names if any(r.search(n) for r in regs)]
+    regs, chosen = [], set()
+    for p in patterns:
+        if isinstance(p, str):
+            regs.append(re.compile(p))
+        elif layer_names is not None and id(p) in layer_names:
+            chosen.update(layer_names[id(p)])
+        else:
+            raise TypeError(f"params entries must be regex strings or layers of the model, got {type(p).__name__}.")
+    return [n for n in names if n in chosen or any(r.search(n) for r in regs)]
 
 
 class GradientEngine(ABC):
@@ -215,8 +227,16 @@ class GradientEngine(ABC):
             yield s, self._chunk_blocks(X[s:s + cs], None if Y is None else Y[s:s + cs])
 
     def assemble(self, blocks: list[Block], out: np.ndarray) -> np.ndarray:
-        """Write the blocks of a chunk into ``out`` (n, dim) in parameter order."""
+        """Write the blocks of a chunk into ``out`` (n, dim) in parameter order.
+
+        Selected parameters that no block covers (a layer the forward pass did not use) have a zero
+        gradient, written explicitly: ``out`` may be uninitialized or reused.
+        """
         offs = self.offsets()
+        covered = {name for b in blocks for name, _ in b.parts}
+        for name, size in zip(self.param_names, self.param_sizes):
+            if name not in covered:
+                out[:, offs[name]:offs[name] + size] = 0
         for b in blocks:
             names = [name for name, _ in b.parts]
             starts = [offs[name] for name in names]

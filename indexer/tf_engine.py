@@ -74,7 +74,8 @@ class KerasEngine(GradientEngine):
                              "whose gradients you want.")
         names = [w.path for w in weights]
         frozen = [w for w in model.non_trainable_weights if "moving_" not in w.path]
-        chosen = set(select_names(names, params))
+        by_layer = {id(layer): [w.path for w in layer.weights] for layer in _layers(model)}
+        chosen = set(select_names(names, params, by_layer))
         if not chosen:
             raise ValueError(f"No trainable weight matches params={params!r}; trainable ones are: "
                              f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''}.")

@@ -64,7 +64,9 @@ class TorchEngine(GradientEngine):
             raise ValueError("The model has no parameters: there is no gradient to index.")
         trainable = [n for n, p in all_named if p.requires_grad]
         frozen = len(all_named) - len(trainable)
-        chosen = set(select_names(trainable, params))
+        by_layer = {id(m): [f"{mn}.{pn}" if mn else pn for pn, _ in m.named_parameters()]
+                    for mn, m in model.named_modules()}
+        chosen = set(select_names(trainable, params, by_layer))
         if params is not None and not chosen:
             raise ValueError(f"No trainable parameter matches params={params!r}; trainable ones are: "
                              f"{', '.join(trainable[:20])}{' ...' if len(trainable) > 20 else ''}.")

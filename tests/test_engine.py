@@ -17,7 +17,7 @@ class TorchNet(nn.Module):
 
     def __init__(self, prelu: bool = True) -> None:
         super().__init__()
-        self.emb = nn.Embedding(11, 3, padding_idx=0)
+        self.emb = nn.Embedding(11, 3, padding_idx=0, sparse=True)  # sparse gradients in autograd
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
         self.pool = nn.MaxPool2d(2)
@@ -48,7 +48,8 @@ def _torch_loop(model: nn.Module, loss: nn.Module, X: np.ndarray, Y: np.ndarray)
     for i in range(len(X)):
         model.zero_grad()
         loss(model(torch.as_tensor(X[i:i + 1])), torch.as_tensor(Y[i:i + 1])).backward()
-        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]).numpy())
+        grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in model.parameters() if p.requires_grad]
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).numpy())
     return np.stack(rows)
 
 
@@ -172,3 +173,38 @@ def test_fingerprint_changes_with_weights():
     with torch.no_grad():
         m.weight[0, 0] += 1e-3
     assert e.fingerprint() != f1
+
+
+def test_layer_objects_select_parameters_and_unused_layers_get_zero_gradients():
+    torch.manual_seed(4)
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.unused = nn.Linear(4, 4)  # trainable, never called: its gradient is exactly zero
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)))
+
+    m = Branchy().double()
+    X, Y = np.random.default_rng(0).normal(size=(5, 3)), np.array([0, 1, 0, 1, 1])
+    eng = make_engine(m, nn.CrossEntropyLoss(), params=[m.b])
+    assert eng.param_names == ["b.weight", "b.bias"]
+    full = make_engine(m, nn.CrossEntropyLoss())
+    for _ in range(2):  # a reused buffer must not leak the previous chunk into the unused columns
+        for _, rows in full.iter_grads(X, Y, chunk_size=2, reuse_buffer=True, dtype=np.float64):
+            off = full.offsets()["unused.weight"]
+            assert np.all(rows[:, off:off + 20] == 0)
+    G = full.grads(X, Y, dtype=np.float64)
+    m.eval()
+    ref = []
+    for i in range(5):
+        m.zero_grad()
+        nn.CrossEntropyLoss()(m(torch.as_tensor(X[i:i + 1])), torch.as_tensor(Y[i:i + 1])).backward()
+        ref.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+                              for p in m.parameters()]).numpy())
+    np.testing.assert_allclose(G, np.stack(ref), rtol=1e-6, atol=1e-12)
+    with pytest.raises(TypeError, match="regex strings or layers"):
+        make_engine(m, nn.CrossEntropyLoss(), params=[nn.Linear(1, 1)])
