@@ -51,10 +51,11 @@ class _Layout:
     def of(blocks: list[Block]) -> "_Layout":
         factored, width, dims = [], 0, []
         for b in blocks:
-            rank_one = b.kind == "outer" and b.has_weight and b.a.shape[1] == 1
-            if rank_one and b.a.shape[2] + b.d.shape[2] < b.size:
+            rank_one = b.kind == "outer" and b.has_weight and b.d.shape[1] == 1
+            din = b.a_in.shape[2] + int(b.has_bias) if rank_one else 0
+            if rank_one and din + b.d.shape[2] < b.size:
                 factored.append(True)
-                dims.append((b.a.shape[2], b.d.shape[2]))
+                dims.append((din, b.d.shape[2]))
             else:
                 factored.append(False)
                 width += b.size
@@ -261,9 +262,9 @@ class GradientSimilarity:
 
 def _block_bytes(b: Block) -> int:
     """Bytes of a block's arrays: the transient memory one chunk of gradients holds."""
-    return int(sum(x.nbytes for x in (b.full, b.a, b.d) if x is not None))
+    return int(sum(x.nbytes for x in (b.full, b.a_in, b.d) if x is not None))
 
 
 def _dtype_of(b: Block) -> Any:
-    arr = b.full if b.kind == "full" else b.a
+    arr = b.full if b.kind == "full" else b.d
     return arr.dtype

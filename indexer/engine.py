@@ -18,7 +18,7 @@ import re
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,17 +36,42 @@ class Block:
     ``sum_l d_l a_lᵀ``. ``layout`` says how the parameter stores that matrix: ``"out_in"`` (torch,
     (dout, din...)) or ``"in_out"`` (Keras, (..., din, dout)); ``parts`` lists (name, numel) of the
     covered parameters in order; with a bias the last column of ``a`` belongs to it.
+
+    Engines pass the activations without the ones column (``a_in``); ``a`` appends it on first
+    access only, because for conv layers that copy of the unfolded patches is a fifth of the
+    engine's time and consumers that materialize or form norms never need it.
     """
 
     name: str
     kind: str
     parts: list[tuple[str, int]]
     full: np.ndarray | None = None
-    a: np.ndarray | None = None
+    a_in: np.ndarray | None = None
     d: np.ndarray | None = None
     layout: str = "out_in"
     has_bias: bool = False
     has_weight: bool = True
+    _a: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def a(self) -> np.ndarray | None:
+        """Input activations (n, L, din[+1]): with a trailing ones column when the bias is selected."""
+        if self.a_in is None or not self.has_bias:
+            return self.a_in if self.has_weight or self.a_in is None else None
+        if self._a is None:
+            x = self.a_in
+            ones = np.ones(x.shape[:2] + (1,), dtype=x.dtype)
+            self._a = np.concatenate([x, ones], axis=2) if self.has_weight else ones
+        return self._a
+
+    @a.setter
+    def a(self, value: np.ndarray) -> None:
+        """Set the activations including the ones column (when the bias is selected)."""
+        self._a = value
+        if self.has_bias:
+            self.a_in = value[..., :-1] if self.has_weight else value[..., :0]
+        else:
+            self.a_in = value
 
     @property
     def size(self) -> int:
@@ -56,7 +81,7 @@ class Block:
     @property
     def n(self) -> int:
         """Number of examples in the chunk."""
-        return int((self.full if self.kind == "full" else self.a).shape[0])
+        return int((self.full if self.kind == "full" else self.d).shape[0])
 
     def materialize(self, out: np.ndarray | None = None) -> np.ndarray:
         """Return the per-example gradient rows (n, size) in parameter order (into ``out`` if given).
@@ -73,18 +98,17 @@ class Block:
             return out
         n = self.n
         if out is None:
-            out = np.empty((n, self.size), dtype=self.a.dtype)
-        a, d = torch.from_numpy(self.a), torch.from_numpy(self.d)
-        o = torch.from_numpy(out) if out.dtype == self.a.dtype else None
-        if not self.has_weight:  # bias only: a is just the ones column
+            out = np.empty((n, self.size), dtype=self.d.dtype)
+        d = torch.from_numpy(self.d)
+        if not self.has_weight:  # bias only
             out[...] = d.sum(dim=1).numpy()
             return out
-        din, dout = a.shape[2] - int(self.has_bias), d.shape[2]
+        a = torch.from_numpy(self.a_in)
+        din, dout = a.shape[2], d.shape[2]
         wsize = din * dout
         if self.has_bias:
-            b = d.sum(dim=1)
-            out[:, wsize:] = b.numpy()
-            a = a[:, :, :din]
+            out[:, wsize:] = d.sum(dim=1).numpy()
+        o = torch.from_numpy(out) if out.dtype == self.a_in.dtype else None
         if a.shape[1] == 1 and o is not None:
             if self.layout == "out_in":
                 torch.mul(d[:, 0, :, None], a[:, 0, None, :], out=o[:, :wsize].view(n, dout, din))
@@ -102,9 +126,9 @@ class Block:
         """Squared gradient norm per example, without materializing when the factors are rank one."""
         if self.kind == "full":
             return np.einsum("ij,ij->i", self.full, self.full, dtype=np.float64)
-        if self.a.shape[1] == 1 and self.has_weight:
-            return (np.einsum("nli,nli->n", self.a, self.a, dtype=np.float64)
-                    * np.einsum("nlo,nlo->n", self.d, self.d, dtype=np.float64))
+        if self.d.shape[1] == 1 and self.has_weight:
+            aa = np.einsum("nli,nli->n", self.a_in, self.a_in, dtype=np.float64) + (1.0 if self.has_bias else 0.0)
+            return aa * np.einsum("nlo,nlo->n", self.d, self.d, dtype=np.float64)
         m = self.materialize()
         return np.einsum("ij,ij->i", m, m, dtype=np.float64)
 

@@ -220,18 +220,10 @@ class KerasEngine(GradientEngine):
     def _layer_block(self, layer: Any, kind: str, calls: list) -> Block:
         if kind in ("dense", "conv"):
             parts, (has_w, has_b) = self._parts(layer, ("kernel", "bias"))
-            A, D = [], []
-            for inp, g in calls:
-                a, d = self._factors(layer, kind, tf.convert_to_tensor(inp), g)
-                if has_b:
-                    a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
-                A.append(a)
-                D.append(d)
-            a = tf.concat(A, axis=1) if len(A) > 1 else A[0]
-            d = tf.concat(D, axis=1) if len(D) > 1 else D[0]
-            if not has_w:
-                a = a[..., -1:]
-            return Block(layer.name, "outer", parts, a=a.numpy(), d=d.numpy(), layout="in_out",
+            pairs = [self._factors(layer, kind, tf.convert_to_tensor(inp), g) for inp, g in calls]
+            a = tf.concat([p[0] for p in pairs], axis=1) if len(pairs) > 1 else pairs[0][0]
+            d = tf.concat([p[1] for p in pairs], axis=1) if len(pairs) > 1 else pairs[0][1]
+            return Block(layer.name, "outer", parts, a_in=a.numpy(), d=d.numpy(), layout="in_out",
                          has_bias=has_b, has_weight=has_w)
         if kind == "embedding":
             parts, _ = self._parts(layer, ("embeddings",))

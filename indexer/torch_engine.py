@@ -188,18 +188,10 @@ class TorchEngine(GradientEngine):
         has_w, has_b = wname in self._params, bname in self._params
         parts = [(n, self._params[n].numel()) for n in (wname, bname) if n in self._params]
         if isinstance(mod, (nn.Linear, *_CONV)):
-            A, D = [], []
-            for inp, g in calls:
-                a, d = self._factors(mod, inp, g)
-                if has_b:
-                    a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-                A.append(a)
-                D.append(d)
-            a = torch.cat(A, dim=1) if len(A) > 1 else A[0]
-            d = torch.cat(D, dim=1) if len(D) > 1 else D[0]
-            if not has_w:
-                a = a[..., -1:]
-            return Block(mname, "outer", parts, a=a.detach().cpu().numpy(), d=d.detach().cpu().numpy(),
+            pairs = [self._factors(mod, inp, g) for inp, g in calls]
+            a = torch.cat([p[0] for p in pairs], dim=1) if len(pairs) > 1 else pairs[0][0]
+            d = torch.cat([p[1] for p in pairs], dim=1) if len(pairs) > 1 else pairs[0][1]
+            return Block(mname, "outer", parts, a_in=a.detach().cpu().numpy(), d=d.detach().cpu().numpy(),
                          layout="out_in", has_bias=has_b, has_weight=has_w)
         full = None
         for inp, g in calls:
