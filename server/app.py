@@ -45,6 +45,7 @@ class GradIndexServer:
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
         self._server: grpc.Server | None = None
+        self.servicer: GradIndexServicer | None = None
 
     def _index_changed(self, served: Served) -> None:
         self.metrics.index_generation.labels(served.name).set(served.generation)
@@ -66,7 +67,9 @@ class GradIndexServer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
                              interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-        servicer = GradIndexServicer(self.registry, self.metrics, max_batch=cfg.max_batch, max_k=cfg.max_k)
+        servicer = GradIndexServicer(self.registry, self.metrics, max_batch=cfg.max_batch, max_k=cfg.max_k,
+                                     batch_window_ms=cfg.batch_window_ms, batch_max_examples=cfg.batch_max_examples)
+        self.servicer = servicer
         service_pb2_grpc.add_GradIndexServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:
@@ -90,6 +93,7 @@ class GradIndexServer:
         self.log.info("serving", extra={"fields": {
             "event": "start", "address": f"{cfg.host}:{self.port}", "tls": bool(cfg.tls_cert),
             "auth": bool(cfg.token), "reflection": cfg.reflection, "metrics_port": self.metrics_port,
+            "batching": {"window_ms": cfg.batch_window_ms, "max_examples": cfg.batch_max_examples},
             "indexes": [s.name for s in self.registry.all()]}})
         return self
 
@@ -103,6 +107,8 @@ class GradIndexServer:
         if self.config.drain_delay_s > 0:
             self._stopped.wait(self.config.drain_delay_s)
         self._server.stop(grace).wait()
+        if self.servicer is not None:
+            self.servicer.close()  # after the drain: in-flight queries finished their batches
         self.metrics.close()
         self._stopped.set()
         self.log.info("stopped", extra={"fields": {"event": "stopped"}})

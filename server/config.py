@@ -13,6 +13,8 @@ Example (docs/server.md lists every key)::
     max_batch = 256
     max_k = 1000
     workers = 8
+    batch_window_ms = 2              # FindSimilar micro-batching (0 = never hold a batch open)
+    batch_max_examples = 64          # 0 = batching off
 
     [tls]                            # optional
     cert = "server.crt"
@@ -50,6 +52,9 @@ class ServerConfig:
     max_batch: int = 256               # queries per FindSimilar/SearchByGradient
     max_k: int = 1000
     workers: int = 8                   # gRPC handler threads
+    batch_window_ms: float = 2.0       # FindSimilar micro-batching: longest a batch is held open for
+                                       # requests known to be coming (a lone request never waits); 0 = never wait
+    batch_max_examples: int = 64       # query examples per micro-batch; 0 = batching off (one request at a time)
     max_concurrent_rpcs: int | None = 64  # beyond: RESOURCE_EXHAUSTED instead of an unbounded queue
     grace_s: float = 10.0              # SIGTERM: how long in-flight RPCs may take to finish
     drain_delay_s: float = 0.0         # SIGTERM: NOT_SERVING this long before refusing new RPCs
@@ -67,6 +72,10 @@ class ServerConfig:
         for name in ("max_batch", "max_k", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_window_ms < 0 or self.batch_window_ms > 1000:
+            raise ValueError(f"batch_window_ms must be in 0..1000 (milliseconds), got {self.batch_window_ms}")
+        if self.batch_max_examples < 0:
+            raise ValueError(f"batch_max_examples must be >= 0 (0 turns batching off), got {self.batch_max_examples}")
         if self.max_message_mb <= 0:
             raise ValueError(f"max_message_mb must be > 0, got {self.max_message_mb}")
         if not 0 <= self.port < 65536:

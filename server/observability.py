@@ -62,6 +62,16 @@ class Metrics:
                                       ["index"], registry=self.registry)
         self.index_count = Gauge("gradindex_index_examples", "Examples in each served index",
                                  ["index"], registry=self.registry)
+        size_buckets = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+        self.batch_requests = Histogram("gradindex_batch_requests", "FindSimilar requests per micro-batch",
+                                        buckets=size_buckets, registry=self.registry)
+        self.batch_examples = Histogram("gradindex_batch_examples", "Query examples per micro-batch",
+                                        buckets=size_buckets, registry=self.registry)
+        self.batched_examples = Counter("gradindex_batched_examples", "Query examples embedded by the batcher",
+                                        registry=self.registry)
+        self.batch_dropped = Counter("gradindex_batch_dropped", "Queued requests dropped before they were "
+                                     "computed, by reason (expired deadline, cancelled)", ["reason"],
+                                     registry=self.registry)
         self._http = None
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
@@ -94,6 +104,13 @@ class StageTimer:
         self.ms[stage] = self.ms.get(stage, 0.0) + dt * 1e3
         if self.metrics is not None:
             self.metrics.stages.labels(stage).observe(dt)
+
+    def add(self, stage: str, ms: float) -> None:
+        """Record a stage measured elsewhere (the batch worker) and restart the clock."""
+        self.ms[stage] = self.ms.get(stage, 0.0) + ms
+        if self.metrics is not None and stage != "batch":
+            self.metrics.stages.labels(stage).observe(ms / 1e3)
+        self._t = time.perf_counter()
 
     def header(self) -> str:
         """``stage=ms,...`` for the ``server-timing`` trailing metadata."""

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format, struct_pb2
 
+from server.batching import Batcher, BatchError, Job
 from server.observability import LOGGER_NAME, Metrics, StageTimer
 from server.protos import service_pb2 as pb
 from server.protos import service_pb2_grpc as pb_grpc
@@ -50,7 +51,7 @@ class RpcError(Exception):
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
     """The status code for an exception: RpcError's own, else by class name along the MRO."""
-    if isinstance(exc, RpcError):
+    if isinstance(exc, (RpcError, BatchError)):
         return exc.code
     for klass in type(exc).__mro__:
         if klass.__name__ in _ERROR_CODES:
@@ -149,12 +150,20 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
     """Answers the gradindex.v1 RPCs from a :class:`Registry` of opened indexes."""
 
     def __init__(self, registry: Registry, metrics: Metrics, *, max_batch: int = 256, max_k: int = 1000,
-                 embed_chunk: int = 64) -> None:
+                 embed_chunk: int = 64, batch_window_ms: float = 2.0, batch_max_examples: int = 64) -> None:
         self.registry = registry
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_k = max_k
         self.embed_chunk = embed_chunk
+        # Micro-batching of concurrent FindSimilar requests (server/batching.py); 0 examples = off.
+        self.batcher: Batcher | None = Batcher(metrics, window_ms=batch_window_ms, max_examples=batch_max_examples,
+                                               embed_chunk=embed_chunk) if batch_max_examples > 0 else None
+
+    def close(self) -> None:
+        """Stop the batch workers (after the gRPC server has drained)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     # ---- helpers ---------------------------------------------------------------------------
     def _served(self, name: str) -> Served:
@@ -233,12 +242,18 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
             if direction == "both":
                 hits["least"] = (res.least_scores, res.least_ids)
         timer.mark("search")
+        return self._respond(served, hits, len(Q), include_data, context, timer, targets)
+
+    def _respond(self, served: Served, hits: dict[str, tuple[np.ndarray, np.ndarray]], n: int, include_data: bool,
+                 context: grpc.ServicerContext, timer: StageTimer,
+                 targets: np.ndarray | None = None) -> pb.FindSimilarResponse:
+        """Fetch the hits' records and build the response for ``n`` queries."""
         _alive(context, "fetch")
         all_ids = np.concatenate([ids.ravel() for _, ids in hits.values()])
         records = self._records(served, all_ids, include_data)
         timer.mark("fetch")
         resp = pb.FindSimilarResponse(index=served.name, generation=served.generation)
-        for q in range(len(Q)):
+        for q in range(n):
             r = resp.results.add()
             if targets is not None:
                 r.target = int(targets[q])
@@ -344,6 +359,8 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
     # ---- queries ----------------------------------------------------------------------------
     @_rpc
     def FindSimilar(self, request, context):
+        if self.batcher is not None:
+            return self._find_similar_batched(request, context)
         timer = StageTimer(self.metrics)
         served = self._served(request.index)
         k = self._check_k(request.k, served)
@@ -358,6 +375,31 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
         return self._search_and_respond(served, Q, k, _DIRECTIONS[request.direction],
                                         self._filters(request.filter), request.include_data, context, timer,
                                         targets=Y if Y is not None and Y.ndim == 1 else None)
+
+    def _find_similar_batched(self, request: pb.FindSimilarRequest,
+                              context: grpc.ServicerContext) -> pb.FindSimilarResponse:
+        """FindSimilar through the micro-batcher: validate and decode here (a bad request fails alone,
+        before it can reach a batch), embed + search in the index's batch, fetch + encode here."""
+        timer = StageTimer(self.metrics)
+        with self.batcher.arrive() as arrival:
+            served = self._served(request.index)
+            k = self._check_k(request.k, served)
+            X, Y = self._decode_inputs(request, served)
+            direction = _DIRECTIONS[request.direction]
+            filt = self._filters(request.filter)
+            timer.mark("decode")
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                _alive(context, "gradient")
+            deadline = None if remaining is None else time.monotonic() + remaining
+            job = self.batcher.submit(Job(served, X, Y, k, direction, filt["labels"], filt["split"], deadline),
+                                      arrival)
+        self.batcher.wait(job, context)
+        for stage in ("queue", "wait_engine", "gradient", "search", "batch"):
+            if stage in job.timing:
+                timer.add(stage, job.timing[stage])
+        targets = job.targets if job.targets is not None and job.targets.ndim == 1 else None
+        return self._respond(served, job.hits, len(X), request.include_data, context, timer, targets)
 
     @_rpc
     def SearchByGradient(self, request, context):
