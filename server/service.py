@@ -218,11 +218,16 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
                 ex.data.CopyFrom(to_tensor(payload))
         return ex
 
-    def _records(self, served: Served, ids: np.ndarray, include_data: bool) -> dict[int, tpb.Example]:
+    def _records(self, served: Served, ids: np.ndarray, include_data: bool,
+                 fetched: dict[int, dict] | None = None) -> dict[int, tpb.Example]:
+        """Example messages for ``ids`` (-1 = no hit); ``fetched`` holds records already read (a batch's)."""
         uniq = sorted({int(i) for i in np.asarray(ids).ravel() if i >= 0})
         if not uniq:
             return {}
-        recs = served.index.get_examples(uniq, payload=include_data)
+        if fetched is not None and all(i in fetched for i in uniq):
+            recs = [fetched[i] for i in uniq]
+        else:
+            recs = served.index.get_examples(uniq, payload=include_data)
         return {int(r["id"]): self._example_pb(r, include_data) for r in recs}
 
     def _filters(self, f: pb.Filter) -> dict:
@@ -245,12 +250,12 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
         return self._respond(served, hits, len(Q), include_data, context, timer, targets)
 
     def _respond(self, served: Served, hits: dict[str, tuple[np.ndarray, np.ndarray]], n: int, include_data: bool,
-                 context: grpc.ServicerContext, timer: StageTimer,
-                 targets: np.ndarray | None = None) -> pb.FindSimilarResponse:
-        """Fetch the hits' records and build the response for ``n`` queries."""
+                 context: grpc.ServicerContext, timer: StageTimer, targets: np.ndarray | None = None,
+                 fetched: dict[int, dict] | None = None) -> pb.FindSimilarResponse:
+        """Fetch the hits' records (unless the batch did) and build the response for ``n`` queries."""
         _alive(context, "fetch")
         all_ids = np.concatenate([ids.ravel() for _, ids in hits.values()])
-        records = self._records(served, all_ids, include_data)
+        records = self._records(served, all_ids, include_data, fetched)
         timer.mark("fetch")
         resp = pb.FindSimilarResponse(index=served.name, generation=served.generation)
         for q in range(n):
@@ -392,14 +397,14 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
             if remaining is not None and remaining <= 0:
                 _alive(context, "gradient")
             deadline = None if remaining is None else time.monotonic() + remaining
-            job = self.batcher.submit(Job(served, X, Y, k, direction, filt["labels"], filt["split"], deadline),
-                                      arrival)
+            job = self.batcher.submit(Job(served, X, Y, k, direction, filt["labels"], filt["split"], deadline,
+                                          include_data=request.include_data), arrival)
         self.batcher.wait(job, context)
-        for stage in ("queue", "wait_engine", "gradient", "search", "batch"):
+        for stage in ("queue", "wait_engine", "gradient", "search", "fetch", "batch"):
             if stage in job.timing:
                 timer.add(stage, job.timing[stage])
         targets = job.targets if job.targets is not None and job.targets.ndim == 1 else None
-        return self._respond(served, job.hits, len(X), request.include_data, context, timer, targets)
+        return self._respond(served, job.hits, len(X), request.include_data, context, timer, targets, job.records)
 
     @_rpc
     def SearchByGradient(self, request, context):
