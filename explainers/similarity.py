@@ -109,13 +109,16 @@ class GradientSimilarity:
     reduction is fine), ``sim_fn`` ('grad_dot' | 'grad_cos' | 'grad_asym_dot'), ``task``
     ('classification' | 'regression'), ``precompute_grads``, ``backend`` ('tensorflow' |
     'pytorch'), ``device`` (PyTorch device, per instance), ``verbose`` (progress bar).
-    Extra: ``params`` (regex(es) selecting parameters; default all trainable), ``n_examples``
-    (how many most/least similar examples to return, default 5 as alibi), ``chunk_size``.
+    Extra: ``params`` (regexes or layer objects selecting parameters; default all trainable),
+    ``n_examples`` (how many most/least similar examples to return, default 5 as alibi),
+    ``chunk_size``, and ``eps`` (alibi's 1e-7 in the denominators; 0 gives the exact cosine, as the
+    served index computes it — see ``indexer.kernels``).
     """
 
     def __init__(self, predictor: Any, loss_fn: Any, sim_fn: str = "grad_dot", task: str = "classification",
                  precompute_grads: bool = False, backend: str = "tensorflow", device: Any = None,
-                 verbose: bool = False, params: Any = None, n_examples: int = 5, chunk_size: int = 256) -> None:
+                 verbose: bool = False, params: Any = None, n_examples: int = 5, chunk_size: int = 256,
+                 eps: float = EPS) -> None:
         check_kernel(sim_fn)
         if task not in TASKS:
             raise ValueError(f"Unknown task {task!r}: use one of {', '.join(TASKS)}.")
@@ -130,6 +133,9 @@ class GradientSimilarity:
         self.backend = backend
         self.verbose = verbose
         self.n_examples = int(n_examples)
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}.")
+        self.eps = float(eps)
         self.engine = make_engine(predictor, loss_fn, task=task, params=params, framework=backend, device=device,
                                   chunk_size=chunk_size)
         self.meta: dict[str, Any] = {
@@ -245,8 +251,12 @@ class GradientSimilarity:
         if self.sim_fn == "grad_dot":
             return dots
         if self.sim_fn == "grad_cos":
-            return dots / (np.sqrt(sq_q)[:, None] * np.sqrt(sq_t)[None, :] + EPS)
-        return dots / (sq_t[None, :] + EPS)
+            den = np.sqrt(sq_q)[:, None] * np.sqrt(sq_t)[None, :] + self.eps
+        else:
+            den = np.broadcast_to(sq_t[None, :] + self.eps, dots.shape)
+        out = np.zeros_like(dots)
+        np.divide(dots, den, out=out, where=den > 0)  # eps=0 and a zero gradient: score 0, not NaN
+        return out
 
     def _build_explanation(self, scores: np.ndarray) -> Explanation:
         order = np.argsort(-scores, axis=1, kind="stable")

@@ -38,9 +38,10 @@ def env(tmp_path_factory):
     weights = wd / "weights.pt"
     shutil.copy(CONFIG.parent / "weights.pt", weights)
     ensure_digits_index(wd, "digits", n=N, progress=False, overrides={"model": {"weights": str(weights)}})
-    ensure_digits_index(wd, "exact_dot", n=N, progress=False, overrides=EXACT)
+    ensure_digits_index(wd, "exact_dot", n=N, progress=False, overrides={**EXACT, "index": {"kernel": "grad_dot"}})
     ensure_digits_index(wd, "exact_asym", n=N, progress=False,
                         overrides={**EXACT, "index": {"kernel": "grad_asym_dot"}})
+    ensure_digits_index(wd, "exact_cos", n=N, progress=False, overrides={**EXACT, "index": {"kernel": "grad_cos"}})
     srv = GradIndexServer(ServerConfig(workdir=str(wd), port=0, max_batch=64, log_level="WARNING")).start()
     client = GradIndexClient(f"127.0.0.1:{srv.port}", timeout=30)
     Xall, yall = load_digits_28()
@@ -50,12 +51,15 @@ def env(tmp_path_factory):
     srv.stop(0)
 
 
-@pytest.mark.parametrize("index,kernel", [("exact_dot", "grad_dot"), ("exact_asym", "grad_asym_dot")])
+@pytest.mark.parametrize("index,kernel", [("exact_dot", "grad_dot"), ("exact_asym", "grad_asym_dot"),
+                                          ("exact_cos", "grad_cos")])
 def test_scores_equal_in_process_gradient_similarity(env, index, kernel):
     from explainers.similarity import GradientSimilarity
 
+    # The index stores exact cosines (alibi's eps on the norm product cannot be split per side).
+    eps = 0.0 if kernel == "grad_cos" else 1e-7
     gs = GradientSimilarity(_model(), torch.nn.CrossEntropyLoss(), sim_fn=kernel, backend="pytorch",
-                            params=["^14\\."], precompute_grads=True).fit(env["Xt"], env["yt"])
+                            params=["^14\\."], precompute_grads=True, eps=eps).fit(env["Xt"], env["yt"])
     ref = gs.explain(env["Xq"], env["yq"])
     k = 10
     res = env["c"].find_similar(index, env["Xq"], targets=env["yq"], k=k, direction="both")
@@ -94,7 +98,7 @@ def test_every_bad_input_gets_its_code_and_the_server_keeps_answering(env):
         (lambda: c.find_similar("digits", X[:2], k=N + 1), IA, f"holds {N} examples"),
         (lambda: c.find_similar("digits", X[:0], k=3), IA, "empty batch"),
         (lambda: c.find_similar("digits", np.repeat(X[:1], 65, 0), k=3), RE, "max_batch=64"),
-        (lambda: c.find_similar("nope", X[:2], k=3), NF, "served indexes: digits, exact_asym, exact_dot"),
+        (lambda: c.find_similar("nope", X[:2], k=3), NF, "served indexes: digits, exact_asym, exact_cos, exact_dot"),
         (lambda: c.find_similar("digits", X[:2], targets=np.array([1]), k=3), IA, "one target per input"),
         (lambda: c.find_similar("digits", X[:2], targets=np.array([1, 12]), k=3), IA, "class ids in [0, 10)"),
         (lambda: c.describe_model("nope"), NF, "served models: digits-cnn"),
