@@ -39,11 +39,8 @@ from indexer.engine import make_engine  # noqa: E402
 from indexer.kernels import scores as kernel_scores  # noqa: E402
 
 
-def torch_throughput(model: nn.Module, X: np.ndarray, y: np.ndarray, repeat: int) -> dict[str, float]:
-    loss = nn.CrossEntropyLoss()
-    eng = make_engine(model, loss, chunk_size=128)
-    n = len(X)
-    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+def engine_rates(eng, X: np.ndarray, y: np.ndarray, repeat: int) -> dict[str, float]:
+    """Examples/s of the engine: gradients kept per layer (blocks) and flattened into rows."""
 
     def blocks():
         for _ in eng.iter_blocks(X, y):
@@ -52,6 +49,16 @@ def torch_throughput(model: nn.Module, X: np.ndarray, y: np.ndarray, repeat: int
     def flat():
         for _ in eng.iter_grads(X, y, reuse_buffer=True):
             pass
+
+    return {"engine, per layer": len(X) / median_time(blocks, repeat),
+            "engine, flat rows": len(X) / median_time(flat, repeat)}
+
+
+def torch_throughput(model: nn.Module, X: np.ndarray, y: np.ndarray, repeat: int) -> dict[str, float]:
+    loss = nn.CrossEntropyLoss()
+    eng = make_engine(model, loss, chunk_size=128)
+    n = len(X)
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
 
     def loop():
         for i in range(min(n, 256)):
@@ -65,8 +72,7 @@ def torch_throughput(model: nn.Module, X: np.ndarray, y: np.ndarray, repeat: int
             loss(model(Xt[s:s + 128]), yt[s:s + 128]).backward()
 
     return {
-        "engine, per layer": n / median_time(blocks, repeat),
-        "engine, flat rows": n / median_time(flat, repeat),
+        **engine_rates(eng, X, y, repeat),
         "per-example loop": min(n, 256) / median_time(loop, repeat),
         "batched backward (ceiling)": n / median_time(ceiling, repeat),
     }
@@ -83,14 +89,6 @@ def tf_throughput(X: np.ndarray, y: np.ndarray, repeat: int) -> dict[str, float]
     loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     eng = make_engine(m, loss, chunk_size=128)
     n = len(Xh)
-
-    def blocks():
-        for _ in eng.iter_blocks(Xh, y):
-            pass
-
-    def flat():
-        for _ in eng.iter_grads(Xh, y, reuse_buffer=True):
-            pass
 
     @tf.function(reduce_retracing=True)
     def one(x, t):
@@ -113,8 +111,7 @@ def tf_throughput(X: np.ndarray, y: np.ndarray, repeat: int) -> dict[str, float]
             batched(Xh[s:s + 128], y[s:s + 128])
 
     return {
-        "engine, per layer": n / median_time(blocks, repeat),
-        "engine, flat rows": n / median_time(flat, repeat),
+        **engine_rates(eng, Xh, y, repeat),
         "per-example loop (tf.function)": min(n, 256) / median_time(loop, repeat),
         "batched backward (ceiling)": n / median_time(ceiling, repeat),
     }
