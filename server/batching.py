@@ -165,7 +165,8 @@ class Batcher:
             def gone() -> None:  # RPC terminated (cancelled by the client, or deadline): wake up
                 job.cancelled = True
                 job.done.set()
-            context.add_callback(gone)
+            if not context.add_callback(gone):  # already terminated
+                gone()
         timeout = None if job.deadline is None else max(0.0, job.deadline - time.monotonic())
         finished = job.done.wait(timeout)
         if job.hits is not None and job.error is None:
