@@ -41,7 +41,7 @@ def _cmd_self_influence(args: argparse.Namespace) -> int:
     from indexer.influence import self_influence_top
 
     try:
-        rows = self_influence_top(_workdir(args), args.index, args.top)
+        rows = self_influence_top(_workdir(args), args.index, args.top, lowest=args.lowest)
     except GradIndexError as exc:
         print(f"gradindex self-influence: error: {exc}", file=sys.stderr)
         return 2
@@ -79,5 +79,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("index", help="index name")
     q.add_argument("--top", type=int, default=10, help="how many examples (default 10)")
     q.add_argument("--workdir", help=wd_help)
+    q.add_argument("--lowest", action="store_true", help="the least self-influential (most typical) instead")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.set_defaults(func=_cmd_self_influence)

@@ -21,13 +21,15 @@ import numpy as np
 from indexer.errors import InvalidArgument
 
 
-def self_influence_top(workdir: str | Path, name: str, k: int, payload: bool = False) -> list[dict[str, Any]]:
-    """The k most self-influential training examples of an index (largest first), from the catalog."""
+def self_influence_top(workdir: str | Path, name: str, k: int, payload: bool = False,
+                       lowest: bool = False) -> list[dict[str, Any]]:
+    """The k most self-influential training examples of an index (largest first), from the catalog;
+    ``lowest=True``: the k least self-influential (the most typical), smallest first."""
     from indexer.query import open_index
 
     idx = open_index(workdir, name, load_model=False)
     try:
-        return idx.self_influence_top(k, payload=payload)
+        return idx.self_influence_top(k, payload=payload, lowest=lowest)
     finally:
         idx.close()
 

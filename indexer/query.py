@@ -217,13 +217,15 @@ class GradIndex:
             raise NotFound(f"example ids {missing[:10]} are not in index {self.name!r} (ids are 0..{self.count - 1}).")
         return [self._example_dict(rows[i], payload) for i in ids]
 
-    def self_influence_top(self, k: int, payload: bool = False) -> list[dict[str, Any]]:
-        """The k training examples with the largest self-influence (Σ_c lr_c‖g_c‖²), largest first."""
+    def self_influence_top(self, k: int, payload: bool = False, lowest: bool = False) -> list[dict[str, Any]]:
+        """The k training examples with the largest self-influence (Σ_c lr_c‖g_c‖²), largest first;
+        with ``lowest=True`` the smallest first (the most typical examples)."""
         if not isinstance(k, (int, np.integer)) or k <= 0:
             raise InvalidArgument(f"k must be a positive integer, got {k!r}.")
+        order = Example.self_influence.asc() if lowest else Example.self_influence.desc()
         with self._cat.session() as s:
             rows = s.scalars(select(Example).where(Example.index_id == self._row.id)
-                             .order_by(Example.self_influence.desc(), Example.row_id).limit(int(k))).all()
+                             .order_by(order, Example.row_id).limit(int(k))).all()
         return [self._example_dict(e, payload) for e in rows]
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:

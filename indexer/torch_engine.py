@@ -110,7 +110,7 @@ class TorchEngine(GradientEngine):
 
     # -------------------------------------------------------------- helpers
     def _to_x(self, X: np.ndarray) -> torch.Tensor:
-        t = torch.as_tensor(X)
+        t = torch.as_tensor(np.ascontiguousarray(X))  # torch refuses negative strides (e.g. X[::-1])
         if t.is_floating_point():
             t = t.to(self.dtype)
         return t.to(self.device)

@@ -470,9 +470,7 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
     def SelfInfluence(self, request, context):
         served = self._served(request.index)
         k = self._check_k(request.k, served)
-        if request.lowest:
-            raise RpcError(SC.UNIMPLEMENTED, "lowest=true is not supported yet; ask for the highest (lowest=false)")
-        recs = served.index.self_influence_top(k, payload=request.include_data)
+        recs = served.index.self_influence_top(k, payload=request.include_data, lowest=request.lowest)
         return pb.SelfInfluenceResponse(examples=[
             tpb.Neighbor(score=float(r["self_influence"]), example=self._example_pb(r, request.include_data))
             for r in recs])

@@ -210,4 +210,7 @@ def test_cli_build_and_self_influence(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     si = [r["self_influence"] for r in rows]
     assert len(rows) == 3 and si == sorted(si, reverse=True)
+    assert main(["self-influence", "tiny", "--top", "30", "--workdir", wd, "--json", "--lowest"]) == 0
+    low = [r["self_influence"] for r in json.loads(capsys.readouterr().out)]
+    assert low == sorted(low) and low[-3:] == sorted(si)  # all 30, ascending: ends with the top 3
     assert main(["self-influence", "nope", "--workdir", wd]) == 2

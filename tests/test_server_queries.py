@@ -170,6 +170,9 @@ def test_self_influence_is_squared_gradient_norm(env):
     got = env["c"].self_influence("exact_dot", k=5)
     assert list(got["ids"]) == list(np.argsort(-sq, kind="stable")[:5])
     np.testing.assert_allclose(got["scores"], np.sort(sq)[::-1][:5], rtol=1e-4)
+    low = env["c"].self_influence("exact_dot", k=5, lowest=True)  # the most typical examples
+    assert list(low["ids"]) == list(np.argsort(sq, kind="stable")[:5])
+    np.testing.assert_allclose(low["scores"], np.sort(sq)[:5], rtol=1e-4)
 
 
 def test_queries_keep_succeeding_while_the_index_is_swapped(env):
