@@ -257,7 +257,7 @@ def main() -> None:
                     if a is not None:
                         print(row("explain   1 query, alibi 0.9.6 itself", a * 1e3, "ms"),
                               f"  -> {a / ours:.1f}x faster")
-        del ref
+        ref = None  # free the full matrix before the next kernel's fit
 
     print(f"\nPeak memory of fit over {n_train} examples (fresh subprocesses, median of 3 for gradindex)")
     runs = [fit_memory("gradindex", n_train) for _ in range(3)]  # RSS sampling is noisy: median of 3

@@ -26,21 +26,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import median_time as _median_time  # noqa: E402
+
+
+def median_time(fn, reps: int) -> float:
+    """Median of ``reps`` timed runs, no warm-up (searches are warm after the first batch)."""
+    return _median_time(fn, reps, warmup=0)
 
 
 def rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
-
-
-def median_time(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def base_vectors(n_base: int, n_query: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,6 @@ the tests and the benchmark compare the batched pass against it.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from indexer.config import BuildConfig, load_model, make_loss, parse_config
 from indexer.data import ArrayDataset, Batch, IterableDataset, open_dataset, validate_arrays
 from indexer.errors import ConfigError, FailedPrecondition, InvalidArgument
 from indexer.projection import Projector, layout_from_json, layout_of, layout_to_json
-from indexer.store import ExactSearcher, IndexSpec, VectorStore, fsync_path, recall_at_k
+from indexer.store import ExactSearcher, IndexSpec, VectorStore, recall_at_k
 
 
 @dataclass

@@ -52,7 +52,6 @@ def digits_cnn_torch():
 
     'same' padding with an even kernel pads one pixel right/bottom, as Keras does.
     """
-    import torch
     from torch import nn
 
     return nn.Sequential(
