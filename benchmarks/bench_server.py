@@ -183,8 +183,11 @@ def main(argv=None) -> int:
         print(f"the digits weights changed since {workdir} was built: rebuilding it")
         shutil.rmtree(workdir)
         ensure_digits_index(workdir, "bench", n=n, progress=True, overrides={"projection": {"dim": args.proj_dim}})
-    print(f"index: {n} examples of the digits CNN (factored projection to {args.proj_dim} dims, exact flat search) "
-          f"ready in {time.perf_counter() - t:.1f} s at {workdir}")
+    idx = open_index(workdir, "bench", load_model=False)
+    info = idx.info()
+    idx.close()
+    print(f"index: {n} examples of the digits CNN ({info['projection']['kind']} projection to {info['dim']} dims, "
+          f"{info['kernel']}, {info['faiss']} search) ready in {time.perf_counter() - t:.1f} s at {workdir}")
     Xq = load_digits_28(n=n + 400, seed=1)[0][-400:]  # queries the index did not store
 
     bd = breakdown(workdir, Xq[:1], reps=max(10, single // 5))
