@@ -46,7 +46,7 @@ alibi must live in its own virtual environment (it pins numpy < 2): pass its pyt
 Without it, the script runs our side only and prints the reference alibi figures committed in
 ``benchmarks/results/anchors_alibi_reference.json`` (made by this script; no re-measurement).
 
-``--lucb-arms`` sets our ``lucb_arms`` (default ``auto``: all blocking arms for tabular/text, 2 for
+``--lucb-arms`` sets our ``lucb_arms`` (default ``auto``: all blocking arms for tabular, 2 for text and
 images; ``all`` = None, or an integer) to compare the choices.
 
 ``--quick``: 2 instances per task, coverage_samples 1000, a 1-epoch CNN: a smoke run in seconds.

@@ -166,3 +166,25 @@ def test_bad_arguments(nlp_dir: Path) -> None:
     ex = AnchorText(keyed, "unknown", nlp=str(nlp_dir))
     with pytest.raises(ValueError, match="empty"):
         ex.explain("   ")
+
+
+def test_lucb_arms_auto_is_the_paper_rule_for_text(nlp_dir: Path) -> None:
+    """'auto' (the default) samples the two critical arms per KL-LUCB round for text (a text
+    pipeline's cost grows with the rows): identical to lucb_arms=2 (same anchor, same number of
+    sentences labelled), and no more sentences than sampling every blocking arm."""
+    rows = {"n": 0}
+
+    def counted(texts: list[str]) -> np.ndarray:
+        rows["n"] += len(texts)
+        return keyed(texts)
+
+    ex = AnchorText(counted, "unknown", nlp=str(nlp_dir), seed=0, sample_proba=0.5)
+    used = {}
+    for arms in ("auto", 2, None):
+        before = rows["n"]
+        exp = ex.explain(TEXT, lucb_arms=arms, seed=3, **FAST)
+        used[arms] = rows["n"] - before
+        assert sorted(exp.anchor) == ["good", "not"]
+    assert used["auto"] == used[2] <= used[None]
+    with pytest.raises(ValueError, match="lucb_arms"):
+        ex.explain(TEXT, lucb_arms=1)

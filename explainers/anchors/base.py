@@ -17,10 +17,11 @@ defaults, and with three deliberate differences:
   stopping rule and certification are unchanged; on a 90-predicate tabular problem the rounds (and
   predictor calls) drop ~25x for about the same number of samples. ``lucb_arms=2`` restores the
   paper's and alibi's sampling rule exactly. The default ``'auto'`` takes the sampler's
-  ``lucb_arms_auto``: all blocking arms for tabular and text (the predictors there cost per *call*:
-  a scikit-learn forest spends ~5 ms per call and microseconds per row), 2 for images (a CNN costs
-  per *row*: ~0.4 ms per 28x28 image vs ~0.5 ms per call, so extra arms cost more than the rounds
-  they save; measured in ``benchmarks/bench_anchors.py``). It is a fixed rule per modality, not a
+  ``lucb_arms_auto``: all blocking arms for tabular (a scikit-learn forest costs per *call*: ~5 ms
+  per call and microseconds per row), 2 for images and text (a CNN costs per *row*: ~0.4 ms per
+  28x28 image vs ~0.5 ms per call; the benchmark's text pipeline ~4-5 us per sentence vs ~0.3 ms
+  per call, and sampling every blocking arm labelled 2.5x more sentences: extra arms cost more than
+  the rounds they save; measured in ``benchmarks/bench_anchors.py``). It is a fixed rule per modality, not a
   timing measurement, so the same seed still gives the same anchor.
 * **Ties are broken by coverage.** When two arms have exactly the same empirical precision, the one
   with the larger coverage ranks higher, which is what the paper's objective (maximise coverage under
