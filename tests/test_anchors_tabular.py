@@ -180,3 +180,65 @@ def test_lucb_arms_paper_rule_and_batched_rounds(explainer: AnchorTabular) -> No
     assert calls[None] < calls[2]
     with pytest.raises(ValueError, match="lucb_arms"):
         explainer.explain(x, lucb_arms=1)
+
+
+def test_fallback_conditions_on_the_longest_satisfiable_prefix() -> None:
+    """Fewer training rows than samples satisfy the whole anchor (alibi's ``replace_features``):
+    each of those rows is used once with all anchored features, the rest take the first feature
+    from rows satisfying its predicate and the second independently from rows satisfying its own.
+    Hand-built data: x0 and x1 anti-correlated so only 5 rows have both above the median."""
+    from explainers.anchors.tabular import TabularSampler
+
+    rng = np.random.default_rng(0)
+    n_rows = 200
+    x0 = np.arange(n_rows, dtype=float)
+    x1 = x0[::-1].copy()
+    both = np.array([10, 20, 30, 40, 50])  # rows with low x0 (<= median): give them both high
+    x0[both], x1[both] = 150 + both / 100, 160 + both / 100
+    X = np.column_stack([x0, x1, rng.normal(size=n_rows)])
+    ex = AnchorTabular(lambda Z: np.zeros(len(Z), dtype=int), ["x0", "x1", "x2"], seed=0).fit(X, disc_perc=(50,))
+    inst = np.array([190.0, 190.0, 0.0])
+    s = TabularSampler(ex, inst, 0, ex._predict_ord)
+    q0, q1 = ex._qts[0][0], ex._qts[1][0]
+    a0 = [i for i, p in enumerate(s.preds) if p[0] == 0 and p[1] == 2]
+    a1 = [i for i, p in enumerate(s.preds) if p[0] == 1 and p[1] == 2]
+    anchor = (a0[0], a1[0])
+    full = np.nonzero((X[:, 0] > q0) & (X[:, 1] > q1))[0]
+    assert sorted(full) == sorted(both)
+    samples, binary = s.perturb(anchor, 100, np.random.default_rng(1))
+    assert binary[:, list(anchor)].all()
+    assert (samples[:, 0] > q0).all() and (samples[:, 1] > q1).all()
+    # the first 5 samples are the full-anchor rows, both features jointly
+    assert sorted(map(tuple, samples[:5, :2])) == sorted(map(tuple, X[both][:, :2]))
+    # the rest: x0 from rows with x0 > q0, x1 from rows with x1 > q1, drawn independently (hardly ever a training pair)
+    assert set(samples[5:, 0]) <= set(X[X[:, 0] > q0, 0]) and set(samples[5:, 1]) <= set(X[X[:, 1] > q1, 1])
+    pairs = set(map(tuple, X[:, :2]))
+    assert sum(tuple(p) in pairs for p in samples[5:, :2]) < 20
+    # the unanchored feature comes from random training rows
+    assert set(samples[:, 2]) <= set(X[:, 2])
+
+
+def test_fallback_three_features_uses_the_two_feature_prefix() -> None:
+    """Anchor on x0, x1, x3: 2 rows satisfy all three, 5 satisfy x0 and x1. Samples 0-1: the 2 rows;
+    samples 2-6: the 5 (x0, x1) rows jointly, x3 from its own rows; the rest x0 from its rows and
+    x1, x3 independently (alibi's cascade; independent per-feature sampling would make (x0, x1)
+    a training pair only by chance)."""
+    from explainers.anchors.tabular import TabularSampler
+
+    rng = np.random.default_rng(0)
+    n_rows = 200
+    x0 = np.arange(n_rows, dtype=float)
+    x1 = x0[::-1].copy()
+    both = np.array([10, 20, 30, 40, 50])
+    x0[both], x1[both] = 150 + both / 100, 160 + both / 100
+    x3 = rng.permutation(n_rows).astype(float)
+    x3[[30, 40, 50]], x3[[10, 20]] = -1.0, 1000.0
+    X = np.column_stack([x0, x1, rng.normal(size=n_rows), x3])
+    ex = AnchorTabular(lambda Z: np.zeros(len(Z), dtype=int), ["x0", "x1", "x2", "x3"], seed=0).fit(X, disc_perc=(50,))
+    s = TabularSampler(ex, np.array([190.0, 190.0, 0.0, 1000.0]), 0, ex._predict_ord)
+    anchor = tuple(i for i, p in enumerate(s.preds) if p[0] in (0, 1, 3) and p[1] == 2)
+    assert len(anchor) == 3
+    samples, binary = s.perturb(anchor, 100, np.random.default_rng(1))
+    assert binary[:, list(anchor)].all()
+    assert sorted(map(tuple, samples[:2, [0, 1, 3]])) == sorted(map(tuple, X[[10, 20]][:, [0, 1, 3]]))
+    assert sorted(map(tuple, samples[2:7, :2])) == sorted(map(tuple, X[both][:, :2]))

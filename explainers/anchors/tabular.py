@@ -12,6 +12,7 @@ operators (``<=``, ``>``, ``=``), not with bin equality.
 from __future__ import annotations
 
 import copy
+from itertools import accumulate
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -144,31 +145,54 @@ class TabularSampler:
         samples = train[idx].copy()
         d_samples = d_train[idx].copy()
         if anchor:
-            feats = sorted({int(self.p_feat[a]) for a in anchor})
+            # features in the anchor's (sorted predicate) order, as alibi's ``uniq_feat_ids``
+            feats = list(dict.fromkeys(int(self.p_feat[a]) for a in sorted(anchor)))
             rows = self._rows(anchor)
             if len(rows) >= n:
                 src = rows[rng.integers(0, len(rows), size=n)]
                 samples[:, feats] = train[np.ix_(src, feats)]
                 d_samples[:, feats] = d_train[np.ix_(src, feats)]
             else:
-                # too few rows where the whole anchor holds: use each of them once, fill the rest
-                # feature by feature from rows satisfying that feature's predicates (alibi's fallback);
-                # a feature whose predicates no training row satisfies takes the instance's value.
-                k = len(rows)
-                if k:
-                    samples[:k, feats] = train[np.ix_(rows, feats)]
-                    d_samples[:k, feats] = d_train[np.ix_(rows, feats)]
-                for f in feats:
-                    f_preds = tuple(a for a in anchor if self.p_feat[a] == f)
-                    f_rows = self._rows(f_preds)
-                    if len(f_rows):
-                        src = f_rows[rng.integers(0, len(f_rows), size=n - k)]
-                        samples[k:, f] = train[src, f]
-                        d_samples[k:, f] = d_train[src, f]
-                    else:
-                        samples[k:, f] = self.x[f]
-                        d_samples[k:, f] = self.xd[f]
+                self._fallback(anchor, feats, samples, n, rng)
+                d_samples = ex._discretize(samples)
         return samples, self.binarize(d_samples)
+
+    def _fallback(self, anchor: tuple[int, ...], feats: list[int], samples: np.ndarray, n: int,
+                  rng: np.random.Generator) -> None:
+        """Fewer than ``n`` training rows satisfy the whole anchor: alibi's ``replace_features``.
+
+        With the anchor's features ``f1..fm`` and ``P_j`` the rows satisfying the predicates of
+        ``f1..fj``: every row of ``P_m`` once, then every row of ``P_(m-1)`` once (giving ``f1..f(m-1)``
+        jointly, ``fm`` from a random row satisfying its own predicates), and so on down to ``P_1``,
+        until ``n`` samples are filled (the last block drawn at random from its rows); what is still
+        missing takes every feature independently from rows satisfying its predicates. Conditioning on
+        the longest satisfiable prefix keeps the features' correlation as far as the training data
+        allows, which is the distribution alibi's search sees. A feature whose predicates no training
+        row satisfies takes the instance's value.
+        """
+        train = self.ex._train
+        f_rows = {f: self._rows(tuple(a for a in anchor if self.p_feat[a] == f)) for f in feats}
+        known = [f for f in feats if len(f_rows[f])]
+        for f in feats:
+            if not len(f_rows[f]):
+                samples[:, f] = self.x[f]
+        prefix_rows = list(accumulate((f_rows[f] for f in known), np.intersect1d))
+        start = 0
+        for j in range(len(known), 0, -1):
+            if start >= n:
+                break
+            r = prefix_rows[j - 1]
+            if not len(r):
+                continue
+            src = r if start + len(r) <= n else r[rng.integers(0, len(r), size=n - start)]
+            k = len(src)
+            samples[start:start + k, known[:j]] = train[np.ix_(src, known[:j])]
+            for f in known[j:]:
+                samples[start:start + k, f] = train[f_rows[f][rng.integers(0, len(f_rows[f]), size=k)], f]
+            start += k
+        if start < n:
+            for f in known:
+                samples[start:, f] = train[f_rows[f][rng.integers(0, len(f_rows[f]), size=n - start)], f]
 
     def coverage_data(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return self.train_bin[rng.integers(0, self.train_bin.shape[0], size=n)]
