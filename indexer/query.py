@@ -183,17 +183,16 @@ class GradIndex:
         if not np.all(np.isfinite(Q)):
             raise InvalidArgument("query vectors contain NaN or infinite values.")
         allowed = self.allowed_ids(labels, split)
-        most = least = None
-        if mode in ("most", "both"):
-            most = self.store.search(Q, int(k), allowed, **search_params)
-        if mode in ("least", "both"):
-            s, i = self.store.search(-Q, int(k), allowed, **search_params)
-            least = (-s, i)
+        if mode == "most":
+            s, i = self.store.search(Q, int(k), allowed, **search_params)
+            return SearchResult(s, i, mode=mode)
         if mode == "least":
-            return SearchResult(least[0], least[1], mode=mode)
-        if mode == "both":
-            return SearchResult(most[0], most[1], least[0], least[1], mode=mode)
-        return SearchResult(most[0], most[1], mode=mode)
+            s, i = self.store.search(-Q, int(k), allowed, **search_params)
+            return SearchResult(-s, i, mode=mode)
+        # both: Q and -Q in one search, so the index is scanned once, not twice
+        m = len(Q)
+        s, i = self.store.search(np.concatenate([Q, -Q]), int(k), allowed, **search_params)
+        return SearchResult(s[:m], i[:m], -s[m:], i[m:], mode=mode)
 
     def find_similar(self, X: Any, Y: Any = None, k: int = 5, mode: str = "most", labels: Any = None,
                      split: Any = None, **search_params: Any) -> SearchResult:
