@@ -120,24 +120,30 @@ class Embedder:
         """Fingerprint of the weights queries are checked against (the last checkpoint's)."""
         return self.engines[-1].fingerprint()
 
-    def raw(self, X: Any, Y: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(embeddings (n, dim) float32, self-influence Σ lr‖g‖² (n,), gradient norm of the last checkpoint (n,))."""
+    def raw(self, X: Any, Y: Any = None, norms: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(embeddings (n, dim) float32, self-influence Σ lr‖g‖² (n,), gradient norm of the last checkpoint (n,)).
+
+        ``norms=False`` (the query path) skips the exact norms, which for conv layers under a
+        sketch projection means forming gradients the projection itself never forms; the two
+        norm outputs are then None.
+        """
         parts, selfinf, last_sq = [], None, None
         for eng, lr in zip(self.engines, self.lrs):
             rows, sqs = [], []
             for _, blocks in eng.iter_blocks(X, Y):
-                V, sq = self.projector.project_with_norms(blocks)
+                V, sq = self.projector.project_with_norms(blocks, norms=norms)
                 rows.append(V)
                 sqs.append(sq)
             V = np.concatenate(rows)
-            sq = np.concatenate(sqs)
             if lr != 1.0:
                 V *= np.float32(math.sqrt(lr))
             parts.append(V)
-            selfinf = lr * sq if selfinf is None else selfinf + lr * sq
-            last_sq = sq
+            if norms:
+                sq = np.concatenate(sqs)
+                selfinf = lr * sq if selfinf is None else selfinf + lr * sq
+                last_sq = sq
         V = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-        return V, selfinf, np.sqrt(last_sq)
+        return V, selfinf, None if last_sq is None else np.sqrt(last_sq)
 
 
 def _shard_path(chunk_dir: Path, c: int) -> Path:

@@ -141,7 +141,7 @@ class GradIndex:
                 Y = np.asarray([cn.index(v) for v in Y.tolist()], dtype=np.int64)
         with self._lock:
             try:
-                V, _, _ = emb.raw(X, Y)
+                V, _, _ = emb.raw(X, Y, norms=False)  # a query needs its vector only
             except (ValueError, TypeError) as exc:
                 raise InvalidArgument(str(exc)) from exc
         return scale_query(V, self.kernel)
