@@ -496,6 +496,18 @@ def validate_search_params(threshold: float, delta: float, tau: float, batch_siz
         raise ValueError(f"max_anchor_size must be None or a positive integer, got {max_anchor_size}")
 
 
+def search_with_call_knobs(sampler: Sampler, default_seed: int | None, call: dict[str, Any]) -> tuple[dict, dict]:
+    """Run the search with the knobs of an ``explain`` call, picked by name from its arguments.
+
+    Returns ``(result, params)``: alibi's raw result and the knobs actually used (with the seed),
+    for the explanation's ``meta``. The three explainers keep alibi's explicit signatures; this is
+    the one place that turns them into a search.
+    """
+    params = {k: call[k] for k in SEARCH_DEFAULTS}
+    seed = default_seed if call.get("seed") is None else call["seed"]
+    return run_search(sampler, seed, **params), {**params, "seed": seed}
+
+
 def run_search(sampler: Sampler, seed: int | None, *, threshold: float, delta: float, tau: float,
                batch_size: int, coverage_samples: int, beam_size: int, stop_on_first: bool,
                max_anchor_size: int | None, min_samples_start: int, n_covered_ex: int,

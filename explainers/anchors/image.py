@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .base import Explanation, Predictor, explainer_meta, run_search, summary_precision_coverage
+from .base import Explanation, Predictor, explainer_meta, search_with_call_knobs, summary_precision_coverage
 
 DEFAULT_SEGMENTATION_KWARGS: dict[str, dict] = {
     "felzenszwalb": {},
@@ -201,13 +201,7 @@ class AnchorImage:
         image = image.astype(self.dtype, copy=False)
         label = self.predictor(image[None])[0]
         sampler = ImageSampler(image, segs, label, self.predictor, float(p_sample), self.images_background)
-        params = dict(threshold=threshold, delta=delta, tau=tau, batch_size=batch_size,
-                      coverage_samples=coverage_samples, beam_size=beam_size, stop_on_first=stop_on_first,
-                      max_anchor_size=max_anchor_size, min_samples_start=min_samples_start,
-                      n_covered_ex=n_covered_ex, binary_cache_size=binary_cache_size, cache_margin=cache_margin,
-                      lucb_arms=lucb_arms)
-        use_seed = self.seed if seed is None else seed
-        result = run_search(sampler, use_seed, **params)
+        result, params = search_with_call_knobs(sampler, self.seed, locals())
         raw = dict(result)
         raw["instance"] = image
         raw["instances"] = image[None]
@@ -217,7 +211,7 @@ class AnchorImage:
         data = dict(anchor=self.overlay_mask(image, segs, result["feature"]), segments=segs,
                     precision=precision, coverage=coverage, raw=raw)
         meta = copy.deepcopy(self.meta)
-        meta["params"].update(params, p_sample=p_sample, seed=use_seed)
+        meta["params"].update(params, p_sample=p_sample)
         return Explanation(meta=meta, data=data)
 
     @staticmethod

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .base import (SEARCH_DEFAULTS, Explanation, Predictor, explainer_meta, run_search,
+from .base import (SEARCH_DEFAULTS, Explanation, Predictor, explainer_meta, search_with_call_knobs,
                    summary_precision_coverage)
 
 
@@ -368,14 +368,8 @@ class AnchorTabular:
             raise ValueError("the instance contains NaN or infinite values")
         label = self._predict_ord(x[None, :])[0]
         sampler = TabularSampler(self, x, label, self._predict_ord)
-        params = dict(threshold=threshold, delta=delta, tau=tau, batch_size=batch_size,
-                      coverage_samples=coverage_samples, beam_size=beam_size, stop_on_first=stop_on_first,
-                      max_anchor_size=max_anchor_size, min_samples_start=min_samples_start,
-                      n_covered_ex=n_covered_ex, binary_cache_size=binary_cache_size, cache_margin=cache_margin,
-                      lucb_arms=lucb_arms)
-        use_seed = self.seed if seed is None else seed
-        result = run_search(sampler, use_seed, **params)
-        return self._build_explanation(x, result, label, sampler, {**params, "seed": use_seed})
+        result, params = search_with_call_knobs(sampler, self.seed, locals())
+        return self._build_explanation(x, result, label, sampler, params)
 
     def _names(self, sampler: TabularSampler, features: list[int]) -> tuple[list[int], list[str]]:
         """alibi's predicate names: one name per original feature, in the order features were added."""

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .base import Explanation, Predictor, explainer_meta, run_search, summary_precision_coverage
+from .base import Explanation, Predictor, explainer_meta, search_with_call_knobs, summary_precision_coverage
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,24 @@ def _join(rows: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Samplers for 'unknown' and 'similarity'
 # --------------------------------------------------------------------------------------------------
-class _WordSampler:
+class _TextOutputs:
+    """What every text sampler does with its samples (arrays of sentences): label, join, show."""
+
+    label: Any = None
+    predictor: Callable | None = None
+
+    def labels(self, raw: np.ndarray) -> np.ndarray:
+        assert self.predictor is not None
+        return self.predictor(list(raw)) == self.label
+
+    def concat(self, raws: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(raws)
+
+    def examples(self, raw: np.ndarray) -> np.ndarray:
+        return np.asarray(raw.tolist(), dtype=str) if len(raw) else np.array([], dtype=str)
+
+
+class _WordSampler(_TextOutputs):
     """Common part: the text split into spaCy tokens; feature i is token i."""
 
     UNK = "UNK"
@@ -109,15 +126,6 @@ class _WordSampler:
     def coverage_data(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return ~self._mask((), n, rng)
 
-    def labels(self, raw: np.ndarray) -> np.ndarray:
-        assert self.predictor is not None
-        return self.predictor(list(raw)) == self.label
-
-    def concat(self, raws: Sequence[np.ndarray]) -> np.ndarray:
-        return np.concatenate(raws)
-
-    def examples(self, raw: np.ndarray) -> np.ndarray:
-        return np.asarray(raw.tolist(), dtype=str) if len(raw) else np.array([], dtype=str)
 
 
 class UnknownSampler(_WordSampler):
@@ -311,7 +319,7 @@ def _sample_top(logits: np.ndarray, banned: np.ndarray, top_n: int, temperature:
     return top[np.arange(lg.shape[0])[None, :], pick]
 
 
-class LanguageModelSampler:
+class LanguageModelSampler(_TextOutputs):
     """Mask words outside the anchor and refill them with a masked language model."""
 
     #: ``lucb_arms='auto'``: two arms per round; every sample costs a language-model fill, so rows
@@ -462,16 +470,6 @@ class LanguageModelSampler:
             ids[rows, cols] = draws
         return self._decode(ids, att), ~masked
 
-    def labels(self, raw: np.ndarray) -> np.ndarray:
-        assert self.predictor is not None
-        return self.predictor(list(raw)) == self.label
-
-    def concat(self, raws: Sequence[np.ndarray]) -> np.ndarray:
-        return np.concatenate(raws)
-
-    def examples(self, raw: np.ndarray) -> np.ndarray:
-        return np.asarray(raw.tolist(), dtype=str) if len(raw) else np.array([], dtype=str)
-
 
 # --------------------------------------------------------------------------------------------------
 # Explainer
@@ -576,13 +574,7 @@ class AnchorText:
             raise ValueError("the text has no word that can be perturbed")
         label = self.predictor([text])[0]
         sampler.label, sampler.predictor = label, self.predictor
-        params = dict(threshold=threshold, delta=delta, tau=tau, batch_size=batch_size,
-                      coverage_samples=coverage_samples, beam_size=beam_size, stop_on_first=stop_on_first,
-                      max_anchor_size=max_anchor_size, min_samples_start=min_samples_start,
-                      n_covered_ex=n_covered_ex, binary_cache_size=binary_cache_size, cache_margin=cache_margin,
-                      lucb_arms=lucb_arms)
-        use_seed = self.seed if seed is None else seed
-        result = run_search(sampler, use_seed, **params)
+        result, params = search_with_call_knobs(sampler, self.seed, locals())
         raw = dict(result)
         if isinstance(sampler, LanguageModelSampler):
             raw["positions"] = [int(sampler.ids_sample[f]) for f in result["feature"]]
@@ -597,7 +589,7 @@ class AnchorText:
         precision, coverage = summary_precision_coverage(result)
         data = dict(anchor=list(raw["names"]), precision=precision, coverage=coverage, raw=raw)
         meta = copy.deepcopy(self.meta)
-        meta["params"].update(params, seed=use_seed)
+        meta["params"].update(params)
         return Explanation(meta=meta, data=data)
 
 
