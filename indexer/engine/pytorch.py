@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from indexer.engine import Block, GradientEngine, _Once, select_names
+from indexer.engine.base import Block, GradientEngine, WarnOnce, select_names
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -93,7 +93,7 @@ class TorchEngine(GradientEngine):
             else:
                 self._fallback.extend(own)
         self._inplace = any(getattr(m, "inplace", False) for m in model.modules())
-        self._warn_fallback = _Once()
+        self._warn_fallback = WarnOnce()
         self._capture: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         for mname, mod in self._hooked.items():
             mod.register_forward_hook(self._make_hook(mname))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from indexer.engine import Block, GradientEngine, _Once, select_names
+from indexer.engine.base import Block, GradientEngine, WarnOnce, select_names
 
 keras = tf.keras
 
@@ -97,7 +97,7 @@ class KerasEngine(GradientEngine):
                 self._fallback.extend(own)
             else:
                 self._hooked.append((layer, kind))
-        self._warn_fallback = _Once()
+        self._warn_fallback = WarnOnce()
         try:
             self._in_dtype = tf.as_dtype(model.inputs[0].dtype)
         except Exception:

@@ -1,8 +1,8 @@
 """The gradient engine: per-example loss gradients w.r.t. model parameters, vectorized.
 
 One engine serves the offline index build and the server's query path, so a query is embedded
-exactly as the training set was. Framework adapters live in ``torch_engine`` and ``tf_engine``;
-this module holds what they share: the :class:`Block` a chunk's gradients come in, target
+exactly as the training set was. Framework adapters live in
+``indexer.engine.pytorch`` and ``indexer.engine.keras``; this module holds what they share: the :class:`Block` a chunk's gradients come in, target
 resolution, chunking and assembly into flat rows.
 
 Why blocks: for a Linear/Dense layer the per-example weight gradient is an outer product
@@ -299,7 +299,7 @@ class GradientEngine(ABC):
         return out
 
 
-class _Once:
+class WarnOnce:
     """Warn once per engine instance (the generic fallback is announced, not repeated per chunk)."""
 
     def __init__(self) -> None:
@@ -311,34 +311,4 @@ class _Once:
             self.done = True
 
 
-def detect_framework(model: Any) -> str:
-    """'pytorch' or 'tensorflow' from the model's type, without importing a framework needlessly."""
-    for klass in type(model).__mro__:
-        m = klass.__module__
-        if m.startswith("torch"):
-            return "pytorch"
-        if m.startswith(("keras", "tensorflow", "tf_keras")):
-            return "tensorflow"
-    raise TypeError(f"Cannot tell the framework of a {type(model).__module__}.{type(model).__name__}: pass a "
-                    "torch.nn.Module or a tf.keras.Model, or set framework/backend to 'pytorch' or 'tensorflow'.")
-
-
-def make_engine(model: Any, loss_fn: Any, task: str = "classification", params: Sequence[str] | str | None = None,
-                framework: str | None = None, device: Any = None, chunk_size: int = 256) -> GradientEngine:
-    """Build the engine for a PyTorch or Keras model (framework detected when not given)."""
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}: use one of {', '.join(TASKS)}.")
-    if framework is None:
-        framework = detect_framework(model)
-    if framework in ("pytorch", "torch"):
-        from indexer.torch_engine import TorchEngine
-
-        return TorchEngine(model, loss_fn, task=task, params=params, device=device, chunk_size=chunk_size)
-    if framework in ("tensorflow", "keras", "tf"):
-        from indexer.tf_engine import KerasEngine
-
-        return KerasEngine(model, loss_fn, task=task, params=params, chunk_size=chunk_size)
-    raise ValueError(f"Unknown framework/backend {framework!r}: use 'pytorch' or 'tensorflow'.")
-
-
-__all__ = ["Block", "GradientEngine", "make_engine", "select_names", "detect_framework", "TASKS"]
+__all__ = ["Block", "GradientEngine", "WarnOnce", "select_names", "TASKS"]
