@@ -1,4 +1,4 @@
-"""Similarity kernels over gradient vectors (DESIGN §2), shared by every path that scores.
+"""Similarity kernels over gradient vectors, shared by every path that scores.
 
 A kernel is split into a training-side and a query-side scaling so that every kernel becomes a
 plain inner product, which is what FAISS and a GEMM compute:
@@ -75,8 +75,9 @@ def scale_query(G: np.ndarray, kernel: str) -> np.ndarray:
 def scores(Gq: np.ndarray, Gt: np.ndarray, kernel: str, eps: float = EPS) -> np.ndarray:
     """Brute-force scores (m, n) between query gradients and training gradients, as alibi defines them.
 
-    Denominators follow alibi exactly (norm product + eps for cos, ‖g_t‖² + eps for asym), so this
-    is the reference the fast paths are tested against; ``eps=0`` gives the exact cosine (zero-safe).
+    Denominators follow alibi exactly (norm product + ``eps`` for cos, ‖g_t‖² + ``eps`` for asym), so
+    this is the reference the fast paths are tested against; ``eps=0`` gives the exact cosine
+    (zero-safe). ``eps`` is the caller's: the module's ``EPS`` (alibi's 1e-7) is only its default.
     """
     check_kernel(kernel)
     if eps == 0 and kernel == "grad_cos":
@@ -88,5 +89,5 @@ def scores(Gq: np.ndarray, Gt: np.ndarray, kernel: str, eps: float = EPS) -> np.
     nq = np.linalg.norm(Gq, axis=1)
     nt = np.linalg.norm(Gt, axis=1)
     if kernel == "grad_cos":
-        return dots / (nq[:, None] * nt[None, :] + EPS)
-    return dots / (nt[None, :] ** 2 + EPS)
+        return dots / (nq[:, None] * nt[None, :] + eps)
+    return dots / (nt[None, :] ** 2 + eps)
