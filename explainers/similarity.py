@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 
 from explainers.explanation import Explanation
+from indexer.defaults import TASKS as ALL_TASKS
 from indexer.engine import Block, make_engine
 from indexer.kernels import EPS, check_kernel
 
 BACKENDS = ("tensorflow", "pytorch")
-TASKS = ("classification", "regression")
+#: The indexer's tasks an explainer can attribute (an unsupervised model has no loss on a target).
+TASKS = tuple(t for t in ALL_TASKS if t != "unsupervised")
 
 
 def _to_numpy(x: Any) -> np.ndarray:

@@ -1,10 +1,9 @@
 """The offline build pipeline: config → gradients → projection → kernel scaling → shards → FAISS + catalog.
 
-Nothing is lost (issue 4, point 5):
+Nothing is lost:
 
-* the data is split into fixed chunks (``build.chunk_size``); each chunk's vectors and metadata are
-  written to a shard file under ``<workdir>/builds/<build id>/`` (temporary name, fsync, rename),
-  then committed to the catalog in one transaction (chunk row + example rows + progress);
+* the data is split into fixed chunks (``build.chunk_size``), each embedded and written to a shard
+  file, then committed to the catalog in one transaction (:mod:`indexer.chunks`);
 * a build killed at any moment (kill -9) resumes with ``resume=True`` from its committed chunks;
   chunk boundaries and the computation are deterministic, so the resumed index equals an
   uninterrupted one bit for bit (same machine and thread count);
@@ -14,15 +13,14 @@ Nothing is lost (issue 4, point 5):
 * an existing index name is refused unless ``replace`` (new version, old one removed after the
   new one is ready) or ``new_version`` (old versions kept) is asked for.
 
-The same :class:`Embedder` computes query embeddings in :mod:`indexer.query`, so a query is embedded
-exactly as the training set was.
+Vectors come from :class:`indexer.embedder.Embedder`, the same object that embeds queries, so a
+query is embedded exactly as the training set was. ``engine='ray'`` hands the chunk loop to
+:mod:`indexer.ray_build`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -34,10 +32,12 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select
 
 from indexer.catalog import Build, BuildChunk, Catalog, Checkpoint, Example, IndexRow, Model
-from indexer.config import BuildConfig, load_model, make_loss, parse_config
-from indexer.data import ArrayDataset, Batch, IterableDataset, open_dataset, validate_arrays
+from indexer.chunks import commit_chunk, compute_chunk, iter_shards, progress, set_threads
+from indexer.config import BuildConfig, parse_config
+from indexer.data import ArrayDataset, IterableDataset, open_dataset, validate_arrays
+from indexer.embedder import Embedder, load_engines, probe_layout
 from indexer.errors import ConfigError, FailedPrecondition, InvalidArgument
-from indexer.projection import Projector, layout_from_json, layout_of, layout_to_json
+from indexer.projection import layout_to_json
 from indexer.store import ExactSearcher, IndexSpec, VectorStore, recall_at_k
 
 
@@ -56,155 +56,6 @@ class BuildResult:
     chunks_computed: int
     chunks_resumed: int
     compute_seconds: float = 0.0  # time in the chunk loop (gradients, projection, shards, commits)
-
-
-def set_threads(n: int) -> None:
-    """Pin torch, BLAS and OpenMP (FAISS) thread pools to ``n`` threads (0 = leave as is)."""
-    if not n:
-        return
-    import torch
-
-    torch.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(n)
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        pass
-    import faiss
-
-    faiss.omp_set_num_threads(n)
-
-
-class Embedder:
-    """Per-example gradient embeddings as stored in an index: engines per checkpoint → projection → concat.
-
-    For C checkpoints with learning rates lr_c the raw embedding is [√lr_1·P g_1, …, √lr_C·P g_C]
-    (TracIn as one inner-product index); with one checkpoint and lr 1 it is just P g. The exact
-    squared gradient norms Σ_c lr_c‖g_c‖² (self-influence) come from the blocks, not the projection.
-    """
-
-    def __init__(self, engines: list[Any], lrs: list[float], projector: Projector | None) -> None:
-        self.engines, self.lrs, self.projector = engines, [float(x) for x in lrs], projector
-
-    @classmethod
-    def from_config(cls, cfg: BuildConfig, layout: list | None = None) -> "Embedder":
-        """Load the model (once per checkpoint) and make the engines; the projector needs the layout."""
-        from indexer.engine import make_engine
-
-        loss = make_loss(cfg.model)
-        engines = []
-        for ck in cfg.checkpoints:
-            w = ck["weights"]
-            model = load_model(cfg.model, w) if w else load_model(cfg.model)
-            engines.append(make_engine(model, loss, task=cfg.model["task"], params=cfg.model.get("params"),
-                                       framework=cfg.model["framework"], chunk_size=cfg.build.get("chunk_size", 256)))
-        emb = cls(engines, [ck["learning_rate"] for ck in cfg.checkpoints], None)
-        if layout is not None:
-            emb.projector = Projector(cfg.projection, layout_from_json(layout))
-        return emb
-
-    def layout_for(self, cfg: BuildConfig, X: np.ndarray, Y: np.ndarray | None) -> list[dict[str, Any]]:
-        """Gradient block layout from a dry run on a couple of examples (also sets the projector)."""
-        eng = self.engines[0]
-        _, blocks = next(eng.iter_blocks(X, Y, chunk_size=len(X)))
-        lay = layout_of(blocks, eng.offsets())
-        self.projector = Projector(cfg.projection, lay)
-        return layout_to_json(lay)
-
-    @property
-    def dim(self) -> int:
-        return self.projector.dim * len(self.engines)
-
-    def fingerprint(self) -> str:
-        """Fingerprint of the weights queries are checked against (the last checkpoint's)."""
-        return self.engines[-1].fingerprint()
-
-    def raw(self, X: Any, Y: Any = None, norms: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(embeddings (n, dim) float32, self-influence Σ lr‖g‖² (n,), gradient norm of the last checkpoint (n,)).
-
-        ``norms=False`` (the query path) skips the exact norms, which for conv layers under a
-        sketch projection means forming gradients the projection itself never forms; the two
-        norm outputs are then None.
-        """
-        parts, selfinf, last_sq = [], None, None
-        for eng, lr in zip(self.engines, self.lrs):
-            rows, sqs = [], []
-            for _, blocks in eng.iter_blocks(X, Y):
-                V, sq = self.projector.project_with_norms(blocks, norms=norms)
-                rows.append(V)
-                sqs.append(sq)
-            V = np.concatenate(rows)
-            if lr != 1.0:
-                V *= np.float32(math.sqrt(lr))
-            parts.append(V)
-            if norms:
-                sq = np.concatenate(sqs)
-                selfinf = lr * sq if selfinf is None else selfinf + lr * sq
-                last_sq = sq
-        V = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-        return V, selfinf, None if last_sq is None else np.sqrt(last_sq)
-
-
-def _shard_path(chunk_dir: Path, c: int) -> Path:
-    return chunk_dir / f"chunk-{c:07d}.npz"
-
-
-def write_shard(path: Path, **arrays: Any) -> None:
-    """Write a shard atomically (temporary name, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def compute_chunk(emb: Embedder, kernel: str, batch: Batch, c: int, start: int, chunk_dir: Path) -> Path:
-    """Embed one chunk and write its shard (vectors + metadata). Pure function of the chunk's data."""
-    from indexer.kernels import scale_train
-
-    V, selfinf, gnorm = emb.raw(batch.X, batch.Y)
-    S = scale_train(V, kernel)
-    n = len(S)
-    labels = np.asarray(["" if batch.Y is None else str(v) for v in (batch.Y if batch.Y is not None else [None] * n)])
-    path = _shard_path(chunk_dir, c)
-    write_shard(path, vectors=S, self_influence=selfinf.astype(np.float64), grad_norm=gnorm.astype(np.float64),
-                row_ids=np.arange(start, start + n, dtype=np.int64), labels=labels,
-                has_labels=np.asarray(batch.Y is not None),
-                ids=np.asarray(batch.ids if batch.ids is not None else [str(start + i) for i in range(n)]),
-                refs=np.asarray([r or "" for r in (batch.payload_refs or [None] * n)]),
-                split=np.asarray(batch.split or ""), source=np.asarray(batch.source or ""))
-    return path
-
-
-def commit_chunk(cat: Catalog, build_id: int, index_id: int, c: int, path: Path) -> int:
-    """Record a written shard in one transaction: chunk row, example rows, progress. Returns its rows."""
-    z = np.load(path)
-    n = len(z["row_ids"])
-    split, source = str(z["split"]) or None, str(z["source"]) or None
-    has_labels = bool(z["has_labels"])
-    rows = [{"index_id": index_id, "row_id": int(r), "external_id": str(e), "label": str(lb) if has_labels else None,
-             "split": split, "source": source, "payload_ref": str(ref) or None, "grad_norm": float(g),
-             "self_influence": float(si)}
-            for r, e, lb, ref, g, si in zip(z["row_ids"], z["ids"], z["labels"], z["refs"], z["grad_norm"],
-                                            z["self_influence"])]
-    with cat.session() as s, s.begin():
-        if s.get(BuildChunk, (build_id, c)) is not None:
-            return n
-        s.execute(delete(Example).where(Example.index_id == index_id, Example.row_id.in_([r["row_id"] for r in rows])))
-        if rows:
-            s.execute(insert(Example), rows)
-        s.add(BuildChunk(build_id=build_id, chunk=c, rows=n, file=path.name))
-        b = s.get(Build, build_id)
-        b.rows_done = (b.rows_done or 0) + n
-    return n
-
-
-def _progress(total: int | None, initial: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="ex", desc=desc, disable=not enabled, smoothing=0.1)
 
 
 def _config_key(cfg: BuildConfig, fingerprint: str) -> dict[str, Any]:
@@ -248,7 +99,7 @@ def _open_data(cfg: BuildConfig, dataset: Any) -> ArrayDataset | IterableDataset
     return IterableDataset(dataset)
 
 
-def _validate(cfg: BuildConfig, emb: Embedder, ds: Any) -> tuple[np.ndarray, np.ndarray | None]:
+def _validate(cfg: BuildConfig, engine: Any, ds: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """Dry forward on two examples, then scan the data; returns the probe batch for the layout."""
     cs = cfg.build["chunk_size"]
     try:
@@ -257,7 +108,7 @@ def _validate(cfg: BuildConfig, emb: Embedder, ds: Any) -> tuple[np.ndarray, np.
         raise ConfigError("data.path", "the dataset is empty.") from None
     X = probe.X
     try:
-        out = np.asarray(emb.engines[0].predict(X))
+        out = np.asarray(engine.predict(X))
     except Exception as exc:  # noqa: BLE001 - report the model's complaint against the data field
         raise ConfigError("data.x", f"the model rejects inputs of shape {getattr(X, 'shape', None)} "
                                     f"(dtype {getattr(X, 'dtype', None)}): {exc}") from exc
@@ -275,11 +126,11 @@ def _validate(cfg: BuildConfig, emb: Embedder, ds: Any) -> tuple[np.ndarray, np.
 
 
 def _build(cfg: BuildConfig, cat: Catalog, dataset: Any, resume: bool, replace: bool, new_version: bool,
-           engine: str, progress: bool, ray_address: str | None, t0: float) -> BuildResult:
+           engine: str, show_progress: bool, ray_address: str | None, t0: float) -> BuildResult:
     ds = _open_data(cfg, dataset)
-    emb = Embedder.from_config(cfg)
-    Xp, Yp = _validate(cfg, emb, ds)
-    fp = emb.fingerprint()
+    engines = load_engines(cfg)
+    Xp, Yp = _validate(cfg, engines[0], ds)
+    fp = engines[-1].fingerprint()  # the weights queries are checked against
     key = _config_key(cfg, fp)
     name = cfg.name
     cs = cfg.build["chunk_size"]
@@ -314,11 +165,12 @@ def _build(cfg: BuildConfig, cat: Catalog, dataset: Any, resume: bool, replace: 
         model_row.class_names, model_row.spec = cfg.model.get("class_names"), cfg.model
         model_row.checkpoints.clear()
         s.flush()
-        for i, (ck, e) in enumerate(zip(cfg.checkpoints, emb.engines)):
+        for i, (ck, e) in enumerate(zip(cfg.checkpoints, engines)):
             model_row.checkpoints.append(Checkpoint(ordinal=i, path=str(ck["weights"]), fingerprint=e.fingerprint(),
                                                     learning_rate=ck["learning_rate"]))
         if pending is None:
-            layout = emb.layout_for(cfg, Xp, Yp)
+            layout = layout_to_json(probe_layout(engines[0], Xp, Yp))
+            emb = Embedder.from_config(cfg, layout, engines)
             version = (s.scalar(select(func.max(IndexRow.version)).where(IndexRow.name == name)) or 0) + 1
             row = IndexRow(name=name, version=version, model=model_row, kernel=cfg.kernel,
                            params=cfg.model.get("params"), loss=cfg.model["loss"], projection=cfg.projection.to_dict(),
@@ -337,7 +189,7 @@ def _build(cfg: BuildConfig, cat: Catalog, dataset: Any, resume: bool, replace: 
             b.chunk_dir = str(Path("builds") / f"{b.id}")
         else:
             row = pending
-            emb.projector = Projector(cfg.projection, layout_from_json(row.layout))
+            emb = Embedder.from_config(cfg, row.layout, engines)
             b = s.scalars(select(Build).where(Build.index_id == row.id).order_by(Build.id.desc())).first()
             b.status, b.error, b.engine = "running", None, engine
         index_id, build_id, version = row.id, b.id, row.version
@@ -353,13 +205,13 @@ def _build(cfg: BuildConfig, cat: Catalog, dataset: Any, resume: bool, replace: 
         if engine == "ray":
             from indexer.ray_build import ray_compute
 
-            computed = ray_compute(cfg, cat, build_id, index_id, chunk_dir, ds, done, progress, ray_address)
+            computed = ray_compute(cfg, cat, build_id, index_id, chunk_dir, ds, done, show_progress, ray_address)
         else:
             computed = 0
             total = len(ds) if isinstance(ds, ArrayDataset) else ds.n
-            with _progress(total, rows_done, progress, f"build {name}") as bar:
+            with progress(total, rows_done, show_progress, f"build {name}") as bar:
                 for c, batch in ds.iter_batches(cs, skip=done):
-                    path = compute_chunk(emb, cfg.kernel, batch, c, c * cs, chunk_dir)
+                    path = compute_chunk(emb, batch, c, c * cs, chunk_dir)
                     bar.update(commit_chunk(cat, build_id, index_id, c, path))
                     computed += 1
         t_compute = time.perf_counter() - t_compute
@@ -384,13 +236,6 @@ def _drop_index(cat: Catalog, s: Any, row: IndexRow) -> None:
     if row.path:
         shutil.rmtree((cat.workdir / row.path).parent, ignore_errors=True)
     s.delete(row)
-
-
-def iter_shards(chunk_dir: Path, chunks: Sequence[int]) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """(vectors, row ids) of each committed shard, in chunk order."""
-    for c in chunks:
-        z = np.load(_shard_path(chunk_dir, c))
-        yield z["vectors"], z["row_ids"]
 
 
 def _finalize(cfg: BuildConfig, cat: Catalog, index_id: int, build_id: int, chunk_dir: Path,
@@ -420,7 +265,7 @@ def _finalize(cfg: BuildConfig, cat: Catalog, index_id: int, build_id: int, chun
         store.train(np.concatenate(sample))
     for V, ids in iter_shards(chunk_dir, chunks):
         store.add(V, ids)
-    recall = _measure_recall(store, chunk_dir, chunks, n, cfg.build.get("recall_sample", 200))
+    recall = _measure_recall(store, chunk_dir, chunks, n, cfg.build["recall_sample"])
     rel = Path("indexes") / name / f"v{version}" / "index.faiss"
     store.save(cat.workdir / rel)
     old_dirs = []
@@ -466,4 +311,4 @@ def _measure_recall(store: VectorStore, chunk_dir: Path, chunks: Sequence[int], 
     return recall_at_k(approx, best_i, k)
 
 
-__all__ = ["build_index", "BuildResult", "Embedder", "compute_chunk", "commit_chunk", "set_threads", "iter_shards"]
+__all__ = ["build_index", "BuildResult", "set_threads"]

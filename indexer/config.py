@@ -9,14 +9,13 @@ silently falls back to a default.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from indexer.defaults import CHUNK_SIZE, RECALL_SAMPLE, TASKS
+from indexer.entries import load_entry
 from indexer.errors import ConfigError
 from indexer.projection import ProjectionSpec
 from indexer.store import IndexSpec
@@ -30,7 +29,6 @@ INDEX_KEYS = {"name", "kernel", "faiss", "nlist", "nprobe", "pq_m", "pq_bits", "
 PROJ_KEYS = {"kind", "dim", "dist", "seed", "block_rows"}
 BUILD_KEYS = {"chunk_size", "threads", "recall_sample", "keep_shards"}
 TOP_KEYS = {"model", "data", "index", "projection", "build", "setup"}
-TASKS = ("classification", "regression", "unsupervised")
 TORCH_LOSSES = {"cross_entropy": "CrossEntropyLoss", "nll": "NLLLoss", "mse": "MSELoss", "l1": "L1Loss",
                 "bce_with_logits": "BCEWithLogitsLoss", "bce": "BCELoss", "huber": "HuberLoss"}
 KERAS_LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits", "bce", "huber")
@@ -232,39 +230,17 @@ def parse_config(source: str | Path | dict[str, Any], base_dir: str | Path | Non
             raise ConfigError("index.faiss", str(exc)) from exc
 
     # [build]
-    cs = build.setdefault("chunk_size", 256)
+    cs = build.setdefault("chunk_size", CHUNK_SIZE)
     if not isinstance(cs, int) or cs <= 0:
         raise ConfigError("build.chunk_size", f"must be a positive integer, got {cs!r}.")
     th = build.setdefault("threads", 0)
     if not isinstance(th, int) or th < 0:
         raise ConfigError("build.threads", "must be a non-negative integer (0 = library default).")
-    rs = build.setdefault("recall_sample", 200)
+    rs = build.setdefault("recall_sample", RECALL_SAMPLE)
     if not isinstance(rs, int) or rs < 0:
         raise ConfigError("build.recall_sample", "must be a non-negative integer.")
     build.setdefault("keep_shards", False)
     return BuildConfig(base, model, data, index, pspec, faiss_spec, build, setup, raw)
-
-
-def load_entry(entry: str, field_name: str = "entry") -> Any:
-    """Import ``file.py:name`` or ``package.module:name`` and return the attribute."""
-    mod_name, attr = entry.rsplit(":", 1)
-    try:
-        if mod_name.endswith(".py"):
-            p = Path(mod_name)
-            key = f"_gradindex_user_{abs(hash(str(p)))}"
-            mod = sys.modules.get(key)
-            if mod is None:
-                spec = importlib.util.spec_from_file_location(key, p)
-                mod = importlib.util.module_from_spec(spec)
-                sys.modules[key] = mod
-                if str(p.parent) not in sys.path:
-                    sys.path.insert(0, str(p.parent))
-                spec.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(mod_name)
-        return getattr(mod, attr)
-    except (ImportError, AttributeError, FileNotFoundError) as exc:
-        raise ConfigError(field_name, f"cannot load {entry!r}: {exc}") from exc
 
 
 def make_loss(model_cfg: dict[str, Any]) -> Any:

@@ -299,7 +299,7 @@ def open_dataset(data: dict[str, Any], task: str = "classification", class_names
         payload = (lambda i: json.dumps({"t": "csv", "path": path, "row": i, "features": feats}))
         return ArrayDataset(X, Y, ids, payload, split, src)
     # jsonl
-    from indexer.config import load_entry
+    from indexer.entries import load_entry
 
     tf, lf, idf = data.get("text_field", "text"), data.get("label_field", "label"), data.get("id_field")
     texts, labels, ids = [], [], []

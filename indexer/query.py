@@ -86,7 +86,7 @@ class GradIndex:
     # ---- embedding ---------------------------------------------------------------------------
     def embedder(self):
         """The engines + projection, loaded once; checks the weights against the index's fingerprint."""
-        from indexer.build import Embedder
+        from indexer.embedder import Embedder
 
         if self._emb is None:
             with self._lock:
@@ -128,7 +128,7 @@ class GradIndex:
         emb = self.embedder()
         pre = self.config.data.get("preprocess")
         if pre and (isinstance(X, (list, tuple)) or getattr(X, "dtype", None) is not None and X.dtype.kind in "OU"):
-            from indexer.config import load_entry
+            from indexer.entries import load_entry
 
             X = np.asarray(load_entry(pre, "data.preprocess")(list(X)))
         if Y is not None:

@@ -2,7 +2,7 @@
 
 The dataset of *chunk numbers* still to compute is mapped by a pool of stateful actors
 (:class:`ChunkWorker`): each loads the model, engines and dataset reader once, then embeds whole
-chunks with exactly the code of the local build (:func:`indexer.build.compute_chunk`) and writes
+chunks with exactly the code of the local build (:func:`indexer.chunks.compute_chunk`) and writes
 the shard files. The driver commits each finished chunk to the catalog as results stream back, and
 the usual finalize step merges the shards into the FAISS index. So the index equals the local
 engine's (same chunks, same code, same thread count per actor), and an interrupted Ray build
@@ -31,9 +31,10 @@ class ChunkWorker:
     """Ray Data actor: loads the model once, then embeds the chunks it is given and writes their shards."""
 
     def __init__(self, cfg_json: dict[str, Any], layout: list[dict[str, Any]], chunk_dir: str) -> None:
-        from indexer.build import Embedder, set_threads
+        from indexer.chunks import set_threads
         from indexer.config import BuildConfig
         from indexer.data import open_dataset
+        from indexer.embedder import Embedder
 
         self.cfg = BuildConfig.from_json(cfg_json)
         set_threads(self.cfg.build.get("threads") or 1)
@@ -43,13 +44,13 @@ class ChunkWorker:
         self.cs = int(self.cfg.build["chunk_size"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from indexer.build import compute_chunk
+        from indexer.chunks import compute_chunk
 
         files = []
         for c in batch["chunk"]:
             c = int(c)
             b = self.ds.batch(c * self.cs, (c + 1) * self.cs)
-            files.append(str(compute_chunk(self.emb, self.cfg.kernel, b, c, c * self.cs, self.chunk_dir)))
+            files.append(str(compute_chunk(self.emb, b, c, c * self.cs, self.chunk_dir)))
         return {"chunk": np.asarray(batch["chunk"], dtype=np.int64), "file": np.asarray(files)}
 
 
@@ -58,8 +59,8 @@ def ray_compute(cfg: Any, cat: Any, build_id: int, index_id: int, chunk_dir: Pat
     """Compute the missing chunks on Ray and commit them as they finish; returns how many were computed."""
     import ray
 
-    from indexer.build import _progress, commit_chunk
-    from indexer.catalog import IndexRow
+    from indexer.catalog import Build, IndexRow
+    from indexer.chunks import commit_chunk, progress as progress_bar
     from indexer.data import ArrayDataset
 
     if not isinstance(ds, ArrayDataset) or cfg.data.get("path") is None:
@@ -81,10 +82,8 @@ def ray_compute(cfg: Any, cat: Any, build_id: int, index_id: int, chunk_dir: Pat
         compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=max(1, cfg.build.get("threads") or 1))
     computed = 0
     with cat.session() as s:
-        from indexer.catalog import Build
-
         rows_done = s.get(Build, build_id).rows_done
-    with _progress(len(ds), rows_done, progress, f"build {cfg.name} (ray)") as bar:
+    with progress_bar(len(ds), rows_done, progress, f"build {cfg.name} (ray)") as bar:
         for row in out.iter_rows():
             bar.update(commit_chunk(cat, build_id, index_id, int(row["chunk"]), Path(str(row["file"]))))
             computed += 1

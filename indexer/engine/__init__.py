@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from indexer.defaults import CHUNK_SIZE
 from indexer.engine.base import TASKS, Block, GradientEngine, WarnOnce, select_names
 
 
@@ -26,7 +27,7 @@ def detect_framework(model: Any) -> str:
 
 
 def make_engine(model: Any, loss_fn: Any, task: str = "classification", params: Sequence[str] | str | None = None,
-                framework: str | None = None, device: Any = None, chunk_size: int = 256) -> GradientEngine:
+                framework: str | None = None, device: Any = None, chunk_size: int = CHUNK_SIZE) -> GradientEngine:
     """Build the engine for a PyTorch or Keras model (framework detected when not given)."""
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}: use one of {', '.join(TASKS)}.")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-TASKS = ("classification", "regression", "unsupervised")
+from indexer.defaults import TASKS
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from indexer.defaults import CHUNK_SIZE
 from indexer.engine.base import Block, GradientEngine, WarnOnce, select_names
 
 keras = tf.keras
@@ -61,7 +62,7 @@ class KerasEngine(GradientEngine):
     _lock = threading.Lock()  # wrapped layer calls are per model; serialize engines that share one
 
     def __init__(self, model: Any, loss_fn: Any, task: str = "classification",
-                 params: Sequence[str] | str | None = None, chunk_size: int = 256) -> None:
+                 params: Sequence[str] | str | None = None, chunk_size: int = CHUNK_SIZE) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"backend='tensorflow' needs a tf.keras.Model, got {type(model).__name__}.")
         self.model = model

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from indexer.defaults import CHUNK_SIZE
 from indexer.engine.base import Block, GradientEngine, WarnOnce, select_names
 
 _CONV = (nn.Conv1d, nn.Conv2d)
@@ -48,7 +49,7 @@ class TorchEngine(GradientEngine):
     framework = "pytorch"
 
     def __init__(self, model: nn.Module, loss_fn: Any, task: str = "classification",
-                 params: Sequence[str] | str | None = None, device: Any = None, chunk_size: int = 256) -> None:
+                 params: Sequence[str] | str | None = None, device: Any = None, chunk_size: int = CHUNK_SIZE) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"backend='pytorch' needs a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
