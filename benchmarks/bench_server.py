@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     torch.set_num_threads(1)
-    from indexer.build import set_threads
+    from indexer.chunks import set_threads
     from indexer.demo import load_digits_28
     from server.client import GradIndexClient
     from server.demo import ensure_digits_index
@@ -184,10 +184,10 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir)
         ensure_digits_index(workdir, "bench", n=n, progress=True, overrides={"projection": {"dim": args.proj_dim}})
     idx = open_index(workdir, "bench", load_model=False)
-    info = idx.info()
+    info = idx.describe()
     idx.close()
-    print(f"index: {n} examples of the digits CNN ({info['projection']['kind']} projection to {info['dim']} dims, "
-          f"{info['kernel']}, {info['faiss']} search) ready in {time.perf_counter() - t:.1f} s at {workdir}")
+    print(f"index: {n} examples of the digits CNN ({info.projection['kind']} projection to {info.dim} dims, "
+          f"{info.kernel}, {info.faiss} search) ready in {time.perf_counter() - t:.1f} s at {workdir}")
     Xq = load_digits_28(n=n + 400, seed=1)[0][-400:]  # queries the index did not store
 
     bd = breakdown(workdir, Xq[:1], reps=max(10, single // 5))

@@ -1,24 +1,29 @@
-"""The query-side API over built indexes (what the gRPC server uses).
+"""The query-side API over built indexes: what the gRPC server and in-process callers use.
 
 ```python
 from indexer.query import open_index, list_indexes
 idx = open_index(workdir, "digits")
 res = idx.find_similar(X, Y, k=5, mode="both")   # res.scores/res.ids (most), res.least_scores/res.least_ids
 rows = idx.get_examples(res.ids[0])
+d = idx.describe()                                # IndexDescription: count, dim, kernel, input_shape ...
 ```
 
-A query is embedded by the same :class:`indexer.build.Embedder` the build used (engine per
+A query is embedded by the same :class:`indexer.embedder.Embedder` the build used (engine per
 checkpoint → recorded projection → concatenation → ``scale_query``), so its scores equal those a
 brute-force computation on the stored vectors gives. The model's weights are checked against the
 fingerprint the index was built with: a mismatch raises :class:`~indexer.errors.ModelMismatch`
 instead of answering with silent garbage. Errors are the classes of :mod:`indexer.errors`.
-Searches are thread-safe; embedding is serialized by a lock (the engines keep hook state).
+
+Concurrency: searches and catalog reads are thread-safe. Everything that runs the model (target
+prediction, embedding, explainers given :meth:`GradIndex.model`) is serialized by the index's one
+re-entrant :attr:`GradIndex.lock`, because the engines keep per-call hook state. Callers outside
+the indexer never reach an engine: they go through the methods here.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +33,10 @@ from sqlalchemy import select
 from indexer.catalog import Catalog, Example, IndexRow
 from indexer.config import BuildConfig
 from indexer.data import load_payload
+from indexer.defaults import MAX_K, MAX_QUERIES
 from indexer.errors import FailedPrecondition, InvalidArgument, ModelMismatch, NotFound, ResourceExhausted
 from indexer.store import IndexSpec, VectorStore
 
-MAX_K = 10_000
-MAX_QUERIES = 10_000
 MODES = ("most", "least", "both")
 
 
@@ -49,10 +53,74 @@ class SearchResult:
     mode: str = "most"
 
 
-class GradIndex:
-    """An opened, ready index: catalog row, FAISS store, and (lazily or eagerly) the model and engines."""
+@dataclass(frozen=True)
+class CheckpointDescription:
+    """One checkpoint of the indexed model (TracIn sums over them)."""
 
-    def __init__(self, cat: Catalog, row: IndexRow, store: VectorStore, load_model: bool = True) -> None:
+    path: str
+    learning_rate: float
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class IndexDescription:
+    """What a client may want to know about an index, read once from the catalog.
+
+    ``gradient_dim`` (the number of selected parameters) is known once the model is loaded and
+    None before (:func:`list_indexes` does not load models).
+    """
+
+    name: str
+    version: int
+    model: str
+    framework: str
+    task: str
+    loss: str
+    class_names: list[str] | None
+    kernel: str
+    params: Any
+    projection: dict[str, Any]
+    faiss: str
+    faiss_params: dict[str, Any]
+    dim: int
+    count: int
+    recall_at_10: float | None
+    fingerprint: str
+    input_shape: list[int] | None
+    path: str | None
+    created: str
+    checkpoints: list[CheckpointDescription] = field(default_factory=list)
+    gradient_dim: int | None = None
+
+    @classmethod
+    def from_row(cls, r: IndexRow, gradient_dim: int | None = None) -> "IndexDescription":
+        """The description of a catalog row (its model and checkpoints loaded)."""
+        return cls(name=r.name, version=r.version, model=r.model.name, framework=r.model.framework,
+                   task=r.model.task, loss=r.loss, class_names=r.model.class_names, kernel=r.kernel, params=r.params,
+                   projection=r.projection, faiss=r.faiss_kind, faiss_params=r.faiss_params, dim=r.dim,
+                   count=int(r.count), recall_at_10=r.recall_at_10, fingerprint=r.fingerprint,
+                   input_shape=r.config.get("input_shape"), path=r.path, created=r.created.isoformat(),
+                   checkpoints=[CheckpointDescription(c.path, c.learning_rate, c.fingerprint)
+                                for c in r.model.checkpoints],
+                   gradient_dim=gradient_dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``gradient_dim`` left out while unknown)."""
+        d = asdict(self)
+        if d["gradient_dim"] is None:
+            del d["gradient_dim"]
+        return d
+
+
+class GradIndex:
+    """An opened, ready index: catalog row, FAISS store, and (lazily or eagerly) the model and engines.
+
+    ``max_k`` / ``max_queries`` bound one call (defaults in :mod:`indexer.defaults`); a server
+    opens its indexes with its own ``max_k`` so that only its limit applies.
+    """
+
+    def __init__(self, cat: Catalog, row: IndexRow, store: VectorStore, load_model: bool = True,
+                 max_k: int = MAX_K, max_queries: int = MAX_QUERIES) -> None:
         self._cat = cat
         self._row = row
         self.store = store
@@ -66,30 +134,35 @@ class GradIndex:
         self.recall_at_10: float | None = row.recall_at_10
         self.config = BuildConfig.from_json(row.config["build"])
         self.input_shape: list[int] | None = row.config.get("input_shape")
+        self.task: str = row.model.task
+        self.class_names: list[str] | None = row.model.class_names
+        self.max_k, self.max_queries = int(max_k), int(max_queries)
+        self._description = IndexDescription.from_row(row)
         self._emb = None
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()  # the one lock: the engines keep per-call hook state
         if load_model:
             self.embedder()
 
     # ---- metadata ----------------------------------------------------------------------------
-    def info(self) -> dict[str, Any]:
-        """Everything a client may want to know about the index (JSON-able)."""
-        r = self._row
-        return {"name": r.name, "version": r.version, "model": self.model_name, "framework": r.model.framework,
-                "task": r.model.task, "loss": r.loss, "class_names": r.model.class_names, "kernel": r.kernel,
-                "params": r.params, "projection": r.projection, "faiss": r.faiss_kind, "faiss_params": r.faiss_params,
-                "dim": r.dim, "count": int(r.count), "recall_at_10": r.recall_at_10, "fingerprint": r.fingerprint,
-                "input_shape": self.input_shape, "path": r.path, "created": r.created.isoformat(),
-                "checkpoints": [{"path": c.path, "learning_rate": c.learning_rate, "fingerprint": c.fingerprint}
-                                for c in r.model.checkpoints]}
+    def describe(self) -> IndexDescription:
+        """The index's description (with ``gradient_dim`` once the model is loaded)."""
+        d = self._description
+        if d.gradient_dim is None and self._emb is not None:
+            d = self._description = IndexDescription.from_row(self._row, self._emb.gradient_dim)
+        return d
 
-    # ---- embedding ---------------------------------------------------------------------------
+    @property
+    def exact(self) -> bool:
+        """Whether searches are exact (flat index): then a top-k is the prefix of any larger top-k."""
+        return self._row.faiss_kind == "flat"
+
+    # ---- the model ---------------------------------------------------------------------------
     def embedder(self):
         """The engines + projection, loaded once; checks the weights against the index's fingerprint."""
         from indexer.embedder import Embedder
 
         if self._emb is None:
-            with self._lock:
+            with self.lock:
                 if self._emb is None:
                     emb = Embedder.from_config(self.config, self._row.layout)
                     self.check_model(emb.fingerprint())
@@ -103,6 +176,34 @@ class GradIndex:
                                 f"the model now has {engine_fingerprint[:12]}…: rebuild the index (gradindex build "
                                 "--replace) or restore the weights.")
 
+    def warm_up(self) -> None:
+        """Load the model and embed one dummy example (projection matrices, lazy kernels), so that
+        the first real query does not pay for it."""
+        self.embedder()
+        self.describe()
+        if self.input_shape:
+            self.embed(np.zeros((1, *self.input_shape), dtype=np.float32))
+
+    def model(self) -> Any:
+        """The served model object (last checkpoint), for explainers; run it under :attr:`lock`."""
+        return self.embedder().model
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The served model's outputs for inputs ``X`` (serialized by :attr:`lock`)."""
+        emb = self.embedder()
+        with self.lock:
+            return emb.predict(X)
+
+    def predict_targets(self, X: Any) -> np.ndarray | None:
+        """The targets a query without targets is embedded with: the model's predicted classes for a
+        classification index, None otherwise (regression needs the client's targets; unsupervised
+        has none)."""
+        if self.task != "classification":
+            return None
+        emb = self.embedder()
+        with self.lock:
+            return emb.resolve_targets(X)
+
     def _check_x(self, X: Any) -> np.ndarray:
         if isinstance(X, np.ndarray) and X.dtype == object or isinstance(X, (list, tuple)) and X and isinstance(X[0], str):
             return X  # text: the preprocess function turns it into arrays
@@ -114,16 +215,14 @@ class GradIndex:
                 raise InvalidArgument(f"X has shape {list(X.shape)}: add the batch dimension, e.g. X[None] "
                                       f"(expected (n, {', '.join(map(str, self.input_shape))})).")
             raise InvalidArgument(f"X has shape {list(X.shape)}, expected (n, {', '.join(map(str, self.input_shape))}).")
-        if len(X) > MAX_QUERIES:
-            raise ResourceExhausted(f"{len(X)} query examples in one call; the limit is {MAX_QUERIES}.")
+        if len(X) > self.max_queries:
+            raise ResourceExhausted(f"{len(X)} query examples in one call; the limit is {self.max_queries}.")
         if X.dtype.kind == "f" and not np.all(np.isfinite(X)):
             raise InvalidArgument("X contains NaN or infinite values.")
         return X
 
     def embed(self, X: Any, Y: Any = None) -> np.ndarray:
         """Query vectors (m, dim) float32: gradients → projection → ``scale_query``."""
-        from indexer.kernels import scale_query
-
         X = self._check_x(X)
         emb = self.embedder()
         pre = self.config.data.get("preprocess")
@@ -133,18 +232,24 @@ class GradIndex:
             X = np.asarray(load_entry(pre, "data.preprocess")(list(X)))
         if Y is not None:
             Y = np.asarray(Y)
-            cn = self._row.model.class_names
+            cn = self.class_names
             if cn and Y.dtype.kind in "US":
                 unknown = [v for v in Y.tolist() if v not in cn]
                 if unknown:
                     raise InvalidArgument(f"unknown class labels {unknown[:5]}: use one of {cn}.")
                 Y = np.asarray([cn.index(v) for v in Y.tolist()], dtype=np.int64)
-        with self._lock:
+        with self.lock:
             try:
-                V, _, _ = emb.raw(X, Y, norms=False)  # a query needs its vector only
+                return emb.query_vectors(X, Y)  # a query needs its vector only, no gradient norms
             except (ValueError, TypeError) as exc:
                 raise InvalidArgument(str(exc)) from exc
-        return scale_query(V, self.kernel)
+
+    def project_gradients(self, G: np.ndarray, projected: bool = False) -> np.ndarray:
+        """Query vectors from client-computed flat gradients (m, gradient_dim), or from already
+        projected vectors (m, dim) with ``projected``: the index's projection, then query scaling.
+        FailedPrecondition where raw gradients are ambiguous (several checkpoints, factored or
+        sketched projections)."""
+        return self.embedder().project_gradients(G, projected, self.name)
 
     # ---- search ------------------------------------------------------------------------------
     def allowed_ids(self, labels: Any = None, split: Any = None) -> np.ndarray | None:
@@ -173,8 +278,8 @@ class GradIndex:
             raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
             raise InvalidArgument(f"k must be a positive integer, got {k!r}.")
-        if k > MAX_K:
-            raise ResourceExhausted(f"k={k} exceeds the limit {MAX_K}.")
+        if k > self.max_k:
+            raise ResourceExhausted(f"k={k} exceeds the limit {self.max_k}.")
         Q = np.asarray(Q, dtype=np.float32)
         if Q.ndim == 1:
             Q = Q[None]
@@ -236,8 +341,8 @@ class GradIndex:
 
 
 def open_index(workdir: str | Path, name: str, version: int | None = None, mmap: bool | None = None,
-               load_model: bool = True) -> GradIndex:
-    """Open the ready index ``name`` (newest version unless given) in ``workdir``.
+               load_model: bool = True, max_k: int = MAX_K) -> GradIndex:
+    """Open the ready index ``name`` (newest version unless given) in ``workdir``; ``max_k`` bounds k.
 
     Raises NotFound (no such index/catalog), FailedPrecondition (index still building, file
     missing) or ModelMismatch (weights changed since the build).
@@ -259,31 +364,25 @@ def open_index(workdir: str | Path, name: str, version: int | None = None, mmap:
         raise FailedPrecondition(f"index file {path} is missing: rebuild the index with --replace.")
     store = VectorStore.load(path, IndexSpec.from_dict(row.faiss_params), row.kernel, row.dim, mmap=mmap)
     try:
-        return GradIndex(cat, row, store, load_model=load_model)
+        return GradIndex(cat, row, store, load_model=load_model, max_k=max_k)
     except BaseException:
         cat.close()
         raise
 
 
-def list_indexes(workdir: str | Path) -> list[dict[str, Any]]:
-    """info() of the current ready version of every index in ``workdir`` (without loading models)."""
+def list_indexes(workdir: str | Path) -> list[IndexDescription]:
+    """Descriptions of the current ready version of every index in ``workdir``, by name, without
+    loading models ([] when there is no catalog)."""
     try:
         cat = Catalog(workdir, create=False)
     except NotFound:
         return []
     try:
         with cat.session() as s:
-            rows = cat.ready_indexes(s)
-            out = []
-            for r in rows:
-                _ = r.model.checkpoints
-                out.append({"name": r.name, "version": r.version, "model": r.model.name, "kernel": r.kernel,
-                            "dim": r.dim, "count": int(r.count), "faiss": r.faiss_kind, "recall_at_10": r.recall_at_10,
-                            "fingerprint": r.fingerprint, "projection": r.projection,
-                            "input_shape": r.config.get("input_shape"), "class_names": r.model.class_names})
-        return out
+            return [IndexDescription.from_row(r) for r in cat.ready_indexes(s)]
     finally:
         cat.close()
 
 
-__all__ = ["open_index", "list_indexes", "GradIndex", "SearchResult", "MODES"]
+__all__ = ["open_index", "list_indexes", "GradIndex", "SearchResult", "IndexDescription", "CheckpointDescription",
+           "MODES"]

@@ -35,11 +35,8 @@ class GradIndexServer:
         self.log = setup_logging(config.log_level)
         self.metrics = Metrics()
         self.registry = registry if registry is not None else Registry(
-            config.workdir, config.indexes or None, on_change=self._index_changed)
-        if registry is not None:
-            registry._on_change = self._index_changed
-        for s in self.registry.all():
-            self._index_changed(s)
+            config.workdir, config.indexes or None, max_k=config.max_k)
+        self.registry.subscribe(self._index_changed)
         self.health = health.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -49,7 +46,7 @@ class GradIndexServer:
 
     def _index_changed(self, served: Served) -> None:
         self.metrics.index_generation.labels(served.name).set(served.generation)
-        self.metrics.index_count.labels(served.name).set(int(served.info.get("count", 0)))
+        self.metrics.index_count.labels(served.name).set(served.description.count)
 
     def start(self) -> "GradIndexServer":
         """Bind the port (``config.port`` 0 = a free port, then in ``self.port``) and start serving."""
@@ -67,8 +64,7 @@ class GradIndexServer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
                              interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-        servicer = GradIndexServicer(self.registry, self.metrics, max_batch=cfg.max_batch, max_k=cfg.max_k,
-                                     batch_window_ms=cfg.batch_window_ms, batch_max_examples=cfg.batch_max_examples)
+        servicer = GradIndexServicer(self.registry, self.metrics, cfg)
         self.servicer = servicer
         service_pb2_grpc.add_GradIndexServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

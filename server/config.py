@@ -33,6 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+#: Query examples per engine call on the query path (bounds the memory of one call and lets a
+#: long request check its deadline between calls).
+EMBED_CHUNK = 64
+
+
 @dataclass
 class ServerConfig:
     """Everything the server needs to start; defaults are safe for local use."""

@@ -1,4 +1,4 @@
-"""The main job: build the digits index (if absent), serve it, query it through the client, plot.
+"""The demo: build the digits index (if absent), serve it, query it through the client, plot.
 
 ``gradindex demo`` runs it end to end: the shipped digits with the seed notebook's CNN (trained on
 the spot when no weights exist), an index built by the indexer, a server on a free loopback port,
@@ -19,20 +19,6 @@ DEMO_LIMIT = 1597  # the demo indexes the first 1,597 digits and queries the 200
 CONFIG = Path(__file__).resolve().parent.parent / "examples" / "digits" / "index.toml"
 
 
-def served_index_names(workdir: str | Path) -> list[str]:
-    """Names of the ready indexes in ``workdir``'s catalog ([] when there is no catalog)."""
-    from indexer.catalog import CATALOG_FILE, Catalog
-
-    if not (Path(workdir) / CATALOG_FILE).exists():
-        return []
-    cat = Catalog(workdir, create=False)
-    try:
-        with cat.session() as s:
-            return [r.name for r in cat.ready_indexes(s)]
-    finally:
-        cat.close()
-
-
 def ensure_digits_index(workdir: str | Path, name: str = DEMO_INDEX, n: int | None = None, limit: int | None = None,
                         overrides: dict[str, dict] | None = None, progress: bool = True) -> str:
     """Build the digits index into ``workdir`` from ``examples/digits/index.toml`` unless it is there.
@@ -48,8 +34,10 @@ def ensure_digits_index(workdir: str | Path, name: str = DEMO_INDEX, n: int | No
 
     from indexer.build import build_index
 
+    from indexer.query import list_indexes
+
     workdir = Path(workdir)
-    if name in served_index_names(workdir):
+    if any(d.name == name for d in list_indexes(workdir)):
         return name
     raw = tomllib.loads(CONFIG.read_text())
     raw["index"]["name"] = name

@@ -1,10 +1,11 @@
 """The served indexes (and through them the registered models), swappable while queries run.
 
 Each served index is an immutable :class:`Served` snapshot (the opened index object, its
-generation, a lock for the gradient engine). Queries take the snapshot once at their start and
-use it to the end; :meth:`Registry.reload` opens the new index *outside* the lock and then swaps
-one dict entry, so a reload never blocks or breaks a running query, and the old index is freed
-when its last query finishes (copy-on-write, like RCU).
+description, its generation). Queries take the snapshot once at their start and use it to the
+end; :meth:`Registry.reload` opens the new index *outside* the lock and then swaps one dict entry,
+so a reload never blocks or breaks a running query, and the old index is freed when its last
+query finishes (copy-on-write, like RCU). Listeners registered with :meth:`Registry.subscribe`
+hear about every (re)load (the server updates its metrics that way).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
-
+from indexer.defaults import MAX_K
+from indexer.query import GradIndex, IndexDescription, list_indexes, open_index
 from server.observability import LOGGER_NAME
 
 log = logging.getLogger(LOGGER_NAME)
@@ -30,62 +32,66 @@ class NotServed(LookupError):
 class Served:
     """One load of an index: what a query holds on to for its whole duration."""
 
-    name: str            # served name
-    source: str          # catalog name it was opened from
-    index: Any           # indexer.query index object
-    info: dict           # index.info(), read once at load
+    name: str                      # served name
+    source: str                    # catalog name it was opened from
+    index: GradIndex               # the opened index (model loaded, warmed up)
+    description: IndexDescription  # read once at load
     generation: int
     loaded_at: float
-    engine_lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+
+    @property
+    def engine_lock(self) -> Any:
+        """The index's one lock (held while its model runs)."""
+        return self.index.lock
 
 
-def _default_opener(workdir: str, name: str) -> Any:
-    from indexer.query import open_index
-
-    return open_index(workdir, name)
-
-
-def _default_lister(workdir: str) -> list[str]:
-    from server.demo import served_index_names
-
-    return served_index_names(workdir)
+def index_names(workdir: str) -> list[str]:
+    """Names of the ready indexes in ``workdir``'s catalog ([] when there is none)."""
+    return [d.name for d in list_indexes(workdir)]
 
 
 class Registry:
-    """Name -> :class:`Served`; thread-safe reads without locks, reloads under a lock."""
+    """Name -> :class:`Served`; thread-safe reads without locks, reloads under a lock.
 
-    def __init__(self, workdir: str, names: list[str] | None = None,
-                 opener: Callable[[str, str], Any] = _default_opener,
-                 lister: Callable[[str], list[str]] = _default_lister,
+    ``max_k`` is the server's k limit, handed to every opened index so that the index enforces
+    the same limit the server announces (and never a smaller one of its own).
+    """
+
+    def __init__(self, workdir: str, names: list[str] | None = None, *, max_k: int = MAX_K,
+                 opener: Callable[..., GradIndex] = open_index,
+                 lister: Callable[[str], list[str]] = index_names,
                  on_change: Callable[[Served], None] | None = None) -> None:
         self.workdir = workdir
+        self.max_k = int(max_k)
         self._open = opener
-        self._lister = lister
-        self._on_change = on_change
+        self._listeners: list[Callable[[Served], None]] = [on_change] if on_change is not None else []
         self._lock = threading.Lock()
         self._served: dict[str, Served] = {}
         self._generation = 0
-        for name in (names if names else self._lister(workdir)):
+        for name in (names if names else lister(workdir)):
             self.reload(name)
+
+    def subscribe(self, listener: Callable[[Served], None]) -> None:
+        """Call ``listener(served)`` for every index served now and on every later (re)load."""
+        self._listeners.append(listener)
+        for s in self.all():
+            listener(s)
 
     def _load(self, name: str, source: str) -> Served:
         t0 = time.perf_counter()
-        idx = self._open(self.workdir, source)
-        info = dict(idx.info())
-        emb = idx.embedder()  # loads the model now (not on the first query) and checks its fingerprint
-        info["gradient_dim"] = int(emb.projector.input_dim)
-        if info.get("input_shape"):  # warm up (projection matrices, lazy kernels) before serving
-            idx.embed(np.zeros((1, *info["input_shape"]), dtype=np.float32))
+        idx = self._open(self.workdir, source, max_k=self.max_k)
+        idx.warm_up()  # loads the model now (not on the first query) and checks its fingerprint
+        desc = idx.describe()
         with self._lock:
             self._generation += 1
-            served = Served(name=name, source=source, index=idx, info=info,
+            served = Served(name=name, source=source, index=idx, description=desc,
                             generation=self._generation, loaded_at=time.time())
             self._served = {**self._served, name: served}
         log.info("index loaded", extra={"fields": {
             "event": "index_loaded", "index": name, "source": source, "generation": served.generation,
-            "count": info.get("count"), "ms": round((time.perf_counter() - t0) * 1e3, 1)}})
-        if self._on_change is not None:
-            self._on_change(served)
+            "count": desc.count, "ms": round((time.perf_counter() - t0) * 1e3, 1)}})
+        for listener in list(self._listeners):
+            listener(served)
         return served
 
     def reload(self, name: str, source: str | None = None) -> Served:
@@ -104,3 +110,6 @@ class Registry:
         """Snapshots of every served index, by name."""
         cur = self._served
         return [cur[k] for k in sorted(cur)]
+
+
+__all__ = ["Registry", "Served", "NotServed", "index_names"]

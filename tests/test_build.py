@@ -77,9 +77,9 @@ def test_query_api_against_brute_force(exact):
         idx.embed(X[0])
     top = idx.self_influence_top(3)
     assert [t["id"] for t in top] == list(np.argsort(-(G.astype(np.float64) ** 2).sum(1))[:3])
-    info = idx.info()
-    assert info["input_shape"] == [1, 8, 8] and info["kernel"] == "grad_cos" and info["count"] == 150
-    assert [d["name"] for d in list_indexes(tmp / "wd")] == ["tiny"]
+    info = idx.describe()
+    assert info.input_shape == [1, 8, 8] and info.kernel == "grad_cos" and info.count == 150
+    assert [d.name for d in list_indexes(tmp / "wd")] == ["tiny"]
     with pytest.raises(NotFound):
         open_index(tmp / "wd", "nope")
 

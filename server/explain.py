@@ -1,0 +1,122 @@
+"""Adapters between the explainer RPCs and the explainers in ``explainers/``.
+
+Each adapter turns a request into the explainer's arguments (checking them against the served
+model, so that a mismatch is INVALID_ARGUMENT saying what to send, not INTERNAL from deep inside
+the model), runs the explainer with the index's model under the index's lock, and turns the
+result into the response message. The explainers are imported when first used: a server without
+them answers UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from server.convert import params_of, to_struct
+from server.protos import service_pb2 as pb
+from server.registry import Served
+from server.rpc import RpcError
+from server.tensors import from_tensor, to_tensor
+
+SC = grpc.StatusCode
+
+
+def anchors(served: Served, request: pb.ExplainAnchorsRequest) -> pb.ExplainAnchorsResponse:
+    """ExplainAnchors for the model of ``served``: an anchor (rule) that locks its prediction."""
+    try:
+        from explainers.anchors.serve import explain_anchors
+    except ImportError as exc:
+        raise RpcError(SC.UNIMPLEMENTED, f"anchors are not installed on this server ({exc})") from None
+    d = served.description
+    which = request.WhichOneof("instance")
+    if which is None:
+        raise RpcError(SC.INVALID_ARGUMENT, "send the instance to explain: row (tabular), text or image")
+    kind = request.kind or {"row": "tabular", "text": "text", "image": "image"}[which]
+    params = params_of(request.params) if request.HasField("params") else {}
+    if which == "text":
+        params["text"] = request.text
+    else:
+        x = from_tensor(getattr(request, which), which, finite=True)
+        params["instance" if which == "row" else "image"] = x
+        if which == "image":
+            params.setdefault("image_shape", list(x.shape))
+    shape = d.input_shape or []
+    # Checked here against the registered model's input shape: otherwise the model itself fails
+    # on the first prediction and the client gets INTERNAL instead of what to fix.
+    if which == "row" and shape:
+        if len(shape) != 1:
+            raise RpcError(SC.INVALID_ARGUMENT, f"model {request.model!r} takes inputs of shape {list(shape)}, "
+                           "not tabular rows; send an image")
+        if np.ndim(params["instance"]) == 1 and len(params["instance"]) != shape[0]:
+            raise RpcError(SC.INVALID_ARGUMENT, f"row has {len(params['instance'])} features; model "
+                           f"{request.model!r} takes {shape[0]} features")
+    if which == "image" and shape:
+        x = params["image"]
+        if len(shape) == 3:
+            hwc = (shape[1], shape[2], shape[0]) if d.framework == "pytorch" else tuple(shape)
+        elif len(shape) == 2:
+            hwc = (*shape, 1)
+        else:
+            raise RpcError(SC.INVALID_ARGUMENT, f"model {request.model!r} takes inputs of shape {list(shape)}, "
+                           "not images; send a row")
+        if tuple(x.shape) != hwc and not (x.ndim == 2 and hwc[2] == 1 and tuple(x.shape) == hwc[:2]):
+            raise RpcError(SC.INVALID_ARGUMENT, f"image has shape {list(x.shape)}; model {request.model!r} "
+                           f"takes channel-last images of shape {list(hwc)}")
+    index = served.index
+    # Anchors hands images over channel-last (n, H, W, C); a PyTorch model wants (n, C, H, W).
+    to_model = (lambda X: np.moveaxis(np.asarray(X), -1, 1)) if (
+        which == "image" and d.framework == "pytorch" and len(shape) == 3) else np.asarray
+
+    def predict_fn(X):
+        return index.predict(to_model(X).astype(np.float32, copy=False)).argmax(-1)
+
+    out = explain_anchors(predict_fn, kind, params)
+    resp = pb.ExplainAnchorsResponse(anchor=[str(a) for a in out.get("anchor", [])],
+                                     precision=float(out.get("precision", 0.0)),
+                                     coverage=float(out.get("coverage", 0.0)))
+    resp.raw.CopyFrom(to_struct(out.get("raw") or {}))
+    if out.get("segments") is not None:
+        resp.segments.CopyFrom(to_tensor(np.asarray(out["segments"]).astype(np.int64)))
+    return resp
+
+
+def pair(served: Served, request: pb.ExplainPairRequest) -> pb.ExplainPairResponse:
+    """ExplainPair: BiLRP relevances of a query against a stored example or a second input."""
+    try:
+        from explainers.bilrp import explain_pair, penultimate_embedding
+    except ImportError as exc:
+        raise RpcError(SC.UNIMPLEMENTED, f"BiLRP is not installed on this server ({exc})") from None
+    if not request.HasField("query"):
+        raise RpcError(SC.INVALID_ARGUMENT, "query is missing; send one input (no batch axis) as a Tensor")
+    x = from_tensor(request.query, "query", finite=True)
+    which = request.WhichOneof("other")
+    if which is None:
+        raise RpcError(SC.INVALID_ARGUMENT, "send training_id (a stored example) or other_input")
+    if which == "training_id":
+        count = served.description.count
+        if not 0 <= request.training_id < count:
+            raise RpcError(SC.NOT_FOUND, f"no example with id {request.training_id} in index {served.name!r} "
+                           f"(ids run from 0 to {count - 1})")
+        other = served.index.get_examples([request.training_id], payload=True)[0]["payload"]
+        if other is None:
+            raise RpcError(SC.FAILED_PRECONDITION, f"index {served.name!r} does not store its examples; "
+                           "send other_input instead")
+    else:
+        other = from_tensor(request.other_input, "other_input", finite=True)
+    try:
+        embedding = penultimate_embedding(served.index.model())
+    except (TypeError, ValueError) as exc:
+        raise RpcError(SC.FAILED_PRECONDITION, f"BiLRP needs an nn.Sequential classifier ending in a Linear "
+                       f"layer: {exc}") from None
+    opts = params_of(request.options) if request.HasField("options") else {}
+    if isinstance(opts.get("bounds"), list):
+        opts["bounds"] = tuple(opts["bounds"])
+    with served.index.lock:
+        res = explain_pair(embedding, x, np.asarray(other), **opts)
+    details = res.to_dict()
+    details.pop("pooled", None)
+    return pb.ExplainPairResponse(relevances=to_tensor(np.asarray(res.pooled, dtype=np.float32)),
+                                  score=float(res.similarity), details=to_struct(details))
+
+
+__all__ = ["anchors", "pair"]

@@ -1,0 +1,241 @@
+"""The FindSimilar query pipeline, written once: targets → embedding → search → records.
+
+A :class:`Job` is one validated request; :func:`run_jobs` answers a group of jobs of one index
+snapshot with one engine call per embedding group and one search per search group, then reads the
+hits' records in one catalog query. The micro-batcher (:mod:`server.batching`) calls it from an
+index's lane with whatever is queued; with batching off the handler calls it in its own thread
+with a batch of one. So every query-path change is made here, once.
+
+Deadlines and cancellation are checked between stages (and between engine calls): a job whose
+deadline passed or whose client went away is dropped with DEADLINE_EXCEEDED / CANCELLED and not
+computed further. A job's failure (bad targets, say) fails that job alone: a group that fails is
+retried one job at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from server.observability import Metrics
+from server.rpc import RpcError
+
+SC = grpc.StatusCode
+
+
+@dataclass(eq=False)
+class Job:
+    """One validated FindSimilar request waiting for (or done with) its batch."""
+
+    served: Any                       # server.registry.Served snapshot taken at the request's start
+    X: np.ndarray                     # (n, *input_shape) decoded inputs
+    Y: np.ndarray | None              # client targets, or None (predicted for classification)
+    k: int
+    direction: str                    # most | least | both
+    labels: list[int] | None
+    split: list[str] | None
+    deadline: float | None            # time.monotonic() deadline, None = no deadline
+    include_data: bool = False        # the stored examples travel with the hits
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    # results
+    targets: np.ndarray | None = None
+    Q: np.ndarray | None = None
+    hits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    error: BaseException | None = None
+    records: dict[int, dict] | None = None  # catalog records of the hits, read once for the whole batch
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    @property
+    def alive(self) -> bool:
+        return not self.cancelled and not self.expired and self.error is None
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None and self.hits is None:
+            self.error = exc
+        self.done.set()
+
+    def result(self, finished: bool = True) -> "Job":
+        """The job itself once answered; else raise its error, DEADLINE_EXCEEDED (deadline passed, or
+        ``finished`` False: the wait for the batch timed out) or CANCELLED."""
+        if self.hits is not None and self.error is None:
+            return self
+        if self.error is not None:
+            raise self.error
+        self.cancelled = True
+        if not finished or self.expired:
+            raise RpcError(SC.DEADLINE_EXCEEDED, "the deadline passed while the query waited for or ran in its "
+                           "batch; give the call a longer deadline or send fewer queries per call")
+        raise RpcError(SC.CANCELLED, "the client cancelled the call")
+
+    def embed_key(self) -> tuple:
+        """Requests embedded in one engine call must agree on these (same dtypes, target shape)."""
+        y = None if self.Y is None else (self.Y.dtype.str, self.Y.shape[1:])
+        return (self.X.dtype.str, self.X.shape[1:], y)
+
+    def search_key(self, exact: bool) -> tuple:
+        """Requests searched together must agree on the filters (and on k, unless the search is
+        exact, where the top-k is the prefix of the top-k_max)."""
+        labels = tuple(sorted(self.labels)) if self.labels else None
+        split = tuple(sorted(self.split)) if self.split else None
+        return (labels, split, None if exact else self.k)
+
+
+def search_hits(index: Any, Q: np.ndarray, k: int, direction: str, labels: Any = None,
+                split: Any = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{'most'|'least': (scores, ids)} of one search of the index (both directions in one scan)."""
+    res = index.search(Q, k, mode=direction, labels=labels, split=split)
+    if direction == "least":
+        return {"least": (res.scores, res.ids)}
+    hits = {"most": (res.scores, res.ids)}
+    if direction == "both":
+        hits["least"] = (res.least_scores, res.least_ids)
+    return hits
+
+
+def run_jobs(jobs: list[Job], metrics: Metrics, embed_chunk: int, batched: bool = True) -> None:
+    """Predict, embed and search a group of jobs of one index snapshot; results (or per-job errors)
+    land in the jobs. ``batched=False`` (a handler's batch of one) records no batch statistics."""
+    served = jobs[0].served
+    t0 = time.monotonic()
+    if batched:
+        for j in jobs:
+            j.timing["queue"] = (t0 - j.enqueued) * 1e3
+    live = _drop_dead(jobs, "gradient", metrics)
+    if not live:
+        return
+    groups: dict[tuple, list[Job]] = {}
+    for j in live:
+        groups.setdefault(j.embed_key(), []).append(j)
+    with served.index.lock:  # the index's one lock: its engines hold per-call hook state
+        t1 = time.monotonic()
+        live = _drop_dead(live, "gradient", metrics)  # the lock may have been held by an explainer
+        for group in groups.values():
+            group = [j for j in group if j.alive]
+            if group:
+                _isolating(lambda g: _embed(served, g, embed_chunk), group)
+    t2 = time.monotonic()
+    live = _drop_dead([j for j in live if j.Q is not None], "search", metrics)
+    if live and batched:
+        n_ex = sum(len(j.X) for j in live)
+        metrics.batch_requests.observe(len(live))
+        metrics.batch_examples.observe(n_ex)
+        metrics.batched_examples.inc(n_ex)
+    sgroups: dict[tuple, list[Job]] = {}
+    for j in live:
+        sgroups.setdefault(j.search_key(served.index.exact), []).append(j)
+    for group in sgroups.values():
+        _isolating(lambda g: _search(served, g), group)
+    t3 = time.monotonic()
+    _fetch(served, [j for j in live if j.hits is not None])
+    t4 = time.monotonic()
+    for j in live:
+        predict = j.timing.pop("predict", 0.0)
+        if batched:
+            j.timing.update(wait_engine=(t1 - t0) * 1e3, gradient=(t2 - t1) * 1e3, search=(t3 - t2) * 1e3,
+                            fetch=(t4 - t3) * 1e3, batch=float(len(live)))
+        else:  # the stages a lone request reports: targets predicted (if any), gradient, search, fetch
+            if predict:
+                j.timing["predict"] = predict
+            j.timing.update(gradient=(t2 - t0) * 1e3 - predict, search=(t3 - t2) * 1e3, fetch=(t4 - t3) * 1e3)
+
+
+def _drop_dead(jobs: list[Job], stage: str, metrics: Metrics) -> list[Job]:
+    live = []
+    for j in jobs:
+        if j.alive:
+            live.append(j)
+            continue
+        if j.error is None:
+            reason = "cancelled" if j.cancelled and not j.expired else "expired"
+            metrics.batch_dropped.labels(reason).inc()
+            code = SC.DEADLINE_EXCEEDED if reason == "expired" else SC.CANCELLED
+            j.fail(RpcError(code, f"the query was dropped before its {stage} stage ({reason}); give the call "
+                                  "a longer deadline"))
+        j.done.set()
+    return live
+
+
+def _isolating(fn: Any, group: list[Job]) -> None:
+    """Run ``fn`` on the group; if it fails, run each job alone so that only the bad one fails."""
+    try:
+        fn(group)
+        return
+    except Exception as exc:  # noqa: BLE001 - attributed per request below
+        if len(group) == 1:
+            group[0].fail(exc)
+            return
+    for j in group:
+        try:
+            fn([j])
+        except Exception as exc:  # noqa: BLE001 - this request's own error
+            j.fail(exc)
+
+
+def _embed(served: Any, group: list[Job], embed_chunk: int) -> None:
+    """Targets (predicted where missing, one forward pass) and query vectors, one engine call per
+    ``embed_chunk`` examples; stops early when every job of the group has gone."""
+    X = np.concatenate([j.X for j in group]) if len(group) > 1 else group[0].X
+    bounds = np.cumsum([0] + [len(j.X) for j in group])
+    Y = None
+    if group[0].Y is not None:
+        Y = np.concatenate([j.Y for j in group]) if len(group) > 1 else group[0].Y
+    else:
+        t = time.monotonic()
+        Y = served.index.predict_targets(X)
+        if Y is not None:
+            for j in group:
+                j.timing["predict"] = (time.monotonic() - t) * 1e3
+    parts = []
+    for s in range(0, len(X), embed_chunk):
+        if not any(j.alive for j in group):
+            return
+        parts.append(served.index.embed(X[s:s + embed_chunk], None if Y is None else Y[s:s + embed_chunk]))
+    Q = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    for j, a, b in zip(group, bounds[:-1], bounds[1:]):
+        j.Q = Q[a:b]
+        j.targets = None if Y is None else Y[a:b]
+
+
+def _search(served: Any, group: list[Job]) -> None:
+    """One search for the group at the largest k (and the union of directions), sliced per job."""
+    Q = np.concatenate([j.Q for j in group]) if len(group) > 1 else group[0].Q
+    kmax = max(j.k for j in group)
+    modes = {j.direction for j in group}
+    mode = modes.pop() if len(modes) == 1 else "both"
+    found = search_hits(served.index, Q, kmax, mode, group[0].labels, group[0].split)
+    a = 0
+    for j in group:
+        b = a + len(j.Q)
+        want = ("most", "least") if j.direction == "both" else (j.direction,)
+        j.hits = {d: (found[d][0][a:b, :j.k], found[d][1][a:b, :j.k]) for d in want}
+        a = b
+
+
+def _fetch(served: Any, jobs: list[Job]) -> None:
+    """Read the catalog records of every hit of the batch in one query (per include_data), instead
+    of one query per request; a failure leaves ``records`` unset and each handler reads its own."""
+    for with_data in (False, True):
+        group = [j for j in jobs if j.include_data == with_data]
+        ids = sorted({int(i) for j in group for _, I in j.hits.values() for i in I.ravel() if i >= 0})
+        if not ids:
+            continue
+        try:
+            recs = {int(r["id"]): r for r in served.index.get_examples(ids, payload=with_data)}
+        except Exception:  # noqa: BLE001 - the handlers fetch (and report) on their own
+            continue
+        for j in group:
+            j.records = recs
+
+
+__all__ = ["Job", "run_jobs", "search_hits"]
