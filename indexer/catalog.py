@@ -1,4 +1,4 @@
-"""The SQLite catalog (SQLAlchemy 2.x): models, checkpoints, indexes, examples, builds (DESIGN §5).
+"""The SQLite catalog (SQLAlchemy 2.x): models, checkpoints, indexes, examples, builds.
 
 The catalog records everything needed to reproduce an embedding (model fingerprint, parameter
 selection, loss, projection, kernel, FAISS kind and parameters, block layout) and the metadata of

@@ -1,6 +1,6 @@
 """The shipped demo: scikit-learn's digits upsampled to 28x28 and the seed notebook's CNN.
 
-Everything that needs a small real image classifier (the main job, tests, benchmarks) takes it
+Everything that needs a small real image classifier (the ``gradindex demo`` command, tests, benchmarks) takes it
 from here, so that all of them measure the same model on the same data. Nothing is downloaded:
 the digits ship with scikit-learn and the CNN is trained on the spot in a few seconds.
 """

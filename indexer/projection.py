@@ -1,4 +1,4 @@
-"""Seeded random projections of per-example gradients (DESIGN §4), dense-blockwise or factored.
+"""Seeded random projections of per-example gradients, dense-blockwise, factored or sketched.
 
 Why: a model's gradient has from thousands to billions of entries; storing or searching it whole
 does not scale. A Johnson–Lindenstrauss projection to k dimensions preserves inner products in

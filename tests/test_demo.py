@@ -1,4 +1,4 @@
-"""The main job end to end (small): build, serve on a free port, query through the client, PNG;
+"""The demo end to end (small): build, serve on a free port, query through the client, PNG;
 and the `gradindex query` command against `gradindex serve --demo`-style serving."""
 
 from __future__ import annotations

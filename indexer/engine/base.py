@@ -8,7 +8,7 @@ resolution, chunking and assembly into flat rows.
 Why blocks: for a Linear/Dense layer the per-example weight gradient is an outer product
 ``d aᵀ`` (output gradient × input activation). Consumers that only need inner products or
 projections (GradientSimilarity's precomputed store, the factored projection) can work on the
-factors ``a`` and ``d`` directly and never materialize the (dout × din) matrix (DESIGN §3).
+factors ``a`` and ``d`` directly and never materialize the (dout × din) matrix.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """TensorFlow/Keras adapter of the gradient engine: per-example gradients from one batched tape.
 
-Measured on this CPU (DESIGN §3): ``GradientTape.jacobian`` is unusable (≈14 examples/s),
+Measured on this CPU (benchmarks/bench_gradients.py): ``GradientTape.jacobian`` is unusable (≈14 examples/s),
 ``tf.vectorized_map`` reaches ≈830, one batched backward ≈2,600. The per-layer factors reach the
 batched speed: each supported layer (Dense, Conv1D/Conv2D, Embedding, BatchNormalization in
 inference) has its ``call`` wrapped while the engine runs, so its input and pre-activation output

@@ -1,6 +1,6 @@
 """PyTorch adapter of the gradient engine: per-example gradients from layer hooks.
 
-Measured on this CPU (DESIGN §3): ``torch.func.vmap(grad(...))`` is slower than a plain loop on
+Measured on this CPU (benchmarks/bench_gradients.py): ``torch.func.vmap(grad(...))`` is slower than a plain loop on
 the digits CNN, while forming per-example gradients from each layer's saved input and output
 gradient runs at about the speed of one batched backward. So supported layers (Linear, Conv1d/2d,
 Embedding, BatchNorm in eval mode, LayerNorm) are handled from hooks, and ``torch.func`` covers any
