@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from explainers.explanation import Explanation
+from indexer.defaults import CHUNK_SIZE
 from indexer.defaults import TASKS as ALL_TASKS
 from indexer.engine import Block, make_engine
 from indexer.kernels import EPS, check_kernel
@@ -119,7 +120,7 @@ class GradientSimilarity:
 
     def __init__(self, predictor: Any, loss_fn: Any, sim_fn: str = "grad_dot", task: str = "classification",
                  precompute_grads: bool = False, backend: str = "tensorflow", device: Any = None,
-                 verbose: bool = False, params: Any = None, n_examples: int = 5, chunk_size: int = 256,
+                 verbose: bool = False, params: Any = None, n_examples: int = 5, chunk_size: int = CHUNK_SIZE,
                  eps: float = EPS) -> None:
         check_kernel(sim_fn)
         if task not in TASKS:

@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, select
 
 from indexer.catalog import Build, BuildChunk, Catalog, Checkpoint, Example, IndexRow, Model
 from indexer.chunks import commit_chunk, compute_chunk, iter_shards, progress, set_threads
 from indexer.config import BuildConfig, parse_config
 from indexer.data import ArrayDataset, IterableDataset, open_dataset, validate_arrays
+from indexer.defaults import RECALL_SAMPLE
 from indexer.embedder import Embedder, load_engines, probe_layout
 from indexer.errors import ConfigError, FailedPrecondition, InvalidArgument
 from indexer.projection import layout_to_json
@@ -265,7 +266,7 @@ def _finalize(cfg: BuildConfig, cat: Catalog, index_id: int, build_id: int, chun
         store.train(np.concatenate(sample))
     for V, ids in iter_shards(chunk_dir, chunks):
         store.add(V, ids)
-    recall = _measure_recall(store, chunk_dir, chunks, n, cfg.build["recall_sample"])
+    recall = _measure_recall(store, chunk_dir, chunks, n, cfg.build.get("recall_sample", RECALL_SAMPLE))
     rel = Path("indexes") / name / f"v{version}" / "index.faiss"
     store.save(cat.workdir / rel)
     old_dirs = []

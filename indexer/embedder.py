@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from indexer.config import BuildConfig, load_model, make_loss
+from indexer.defaults import CHUNK_SIZE
 from indexer.errors import FailedPrecondition
 from indexer.kernels import check_kernel, scale_query, scale_train
 from indexer.projection import BlockInfo, Projector, layout_from_json, layout_of
@@ -40,7 +41,8 @@ def load_engines(cfg: BuildConfig) -> list[Any]:
         w = ck["weights"]
         model = load_model(cfg.model, w) if w else load_model(cfg.model)
         engines.append(make_engine(model, loss, task=cfg.model["task"], params=cfg.model.get("params"),
-                                   framework=cfg.model["framework"], chunk_size=cfg.build["chunk_size"]))
+                                   framework=cfg.model["framework"],
+                                   chunk_size=cfg.build.get("chunk_size", CHUNK_SIZE)))
     return engines
 
 

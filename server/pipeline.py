@@ -111,7 +111,8 @@ def run_jobs(jobs: list[Job], metrics: Metrics, embed_chunk: int, batched: bool 
     if batched:
         for j in jobs:
             j.timing["queue"] = (t0 - j.enqueued) * 1e3
-    live = _drop_dead(jobs, "gradient", metrics)
+    counted = metrics if batched else None  # drops of queued requests are a batching statistic
+    live = _drop_dead(jobs, "gradient", counted)
     if not live:
         return
     groups: dict[tuple, list[Job]] = {}
@@ -119,13 +120,13 @@ def run_jobs(jobs: list[Job], metrics: Metrics, embed_chunk: int, batched: bool 
         groups.setdefault(j.embed_key(), []).append(j)
     with served.index.lock:  # the index's one lock: its engines hold per-call hook state
         t1 = time.monotonic()
-        live = _drop_dead(live, "gradient", metrics)  # the lock may have been held by an explainer
+        live = _drop_dead(live, "gradient", counted)  # the lock may have been held by an explainer
         for group in groups.values():
             group = [j for j in group if j.alive]
             if group:
                 _isolating(lambda g: _embed(served, g, embed_chunk), group)
     t2 = time.monotonic()
-    live = _drop_dead([j for j in live if j.Q is not None], "search", metrics)
+    live = _drop_dead([j for j in live if j.Q is not None], "search", counted)
     if live and batched:
         n_ex = sum(len(j.X) for j in live)
         metrics.batch_requests.observe(len(live))
@@ -150,7 +151,9 @@ def run_jobs(jobs: list[Job], metrics: Metrics, embed_chunk: int, batched: bool 
             j.timing.update(gradient=(t2 - t0) * 1e3 - predict, search=(t3 - t2) * 1e3, fetch=(t4 - t3) * 1e3)
 
 
-def _drop_dead(jobs: list[Job], stage: str, metrics: Metrics) -> list[Job]:
+def _drop_dead(jobs: list[Job], stage: str, metrics: Metrics | None) -> list[Job]:
+    """The jobs still alive; the others fail with DEADLINE_EXCEEDED / CANCELLED (counted in
+    ``metrics`` when given)."""
     live = []
     for j in jobs:
         if j.alive:
@@ -158,7 +161,8 @@ def _drop_dead(jobs: list[Job], stage: str, metrics: Metrics) -> list[Job]:
             continue
         if j.error is None:
             reason = "cancelled" if j.cancelled and not j.expired else "expired"
-            metrics.batch_dropped.labels(reason).inc()
+            if metrics is not None:
+                metrics.batch_dropped.labels(reason).inc()
             code = SC.DEADLINE_EXCEEDED if reason == "expired" else SC.CANCELLED
             j.fail(RpcError(code, f"the query was dropped before its {stage} stage ({reason}); give the call "
                                   "a longer deadline"))
