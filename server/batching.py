@@ -108,11 +108,7 @@ class Batcher:
     def wait(self, job: Job, context: grpc.ServicerContext | None = None) -> Job:
         """Block until the job's batch answered it, its deadline passed or its client went away."""
         if context is not None:
-            def gone() -> None:  # RPC terminated (cancelled by the client, or deadline): wake up
-                job.cancelled = True
-                job.done.set()
-            if not context.add_callback(gone):  # already terminated
-                gone()
+            job.watch(context)
         timeout = None if job.deadline is None else max(0.0, job.deadline - time.monotonic())
         finished = job.done.wait(timeout)
         return job.result(finished)

@@ -27,6 +27,10 @@ from server.rpc import RpcError
 
 SC = grpc.StatusCode
 
+#: How close to its deadline a call may end and still count as timed out rather than cancelled
+#: (the request's transit time under load, by which the server's deadline trails the client's).
+DEADLINE_SLACK_S = 0.05
+
 
 @dataclass(eq=False)
 class Job:
@@ -43,6 +47,7 @@ class Job:
     include_data: bool = False        # the stored examples travel with the hits
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    timed_out: bool = False           # gRPC ended the call because its deadline passed
     done: threading.Event = field(default_factory=threading.Event)
     # results
     targets: np.ndarray | None = None
@@ -54,7 +59,25 @@ class Job:
 
     @property
     def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        return self.timed_out or self.deadline is not None and time.monotonic() >= self.deadline
+
+    def watch(self, context: grpc.ServicerContext) -> None:
+        """Stop working for the job once its RPC ends (client cancelled, or deadline passed).
+
+        A client whose deadline passes cancels the call, and that cancellation reaches the server
+        a little *before* the server's copy of the deadline passes (the server's clock started
+        when the request arrived). So a call ending within ``DEADLINE_SLACK_S`` of its deadline
+        counts as a passed deadline (DEADLINE_EXCEEDED), not a cancellation (CANCELLED).
+        """
+        def gone() -> None:
+            remaining = context.time_remaining()
+            if self.deadline is not None and (remaining is None or remaining <= DEADLINE_SLACK_S):
+                self.timed_out = True
+            self.cancelled = True
+            self.done.set()
+
+        if not context.add_callback(gone):  # already terminated
+            gone()
 
     @property
     def alive(self) -> bool:

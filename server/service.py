@@ -208,8 +208,7 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
         if self.batcher is not None:
             self.batcher.wait(job, context)
         else:  # a batch of one, in this thread, through the same pipeline
-            if not context.add_callback(lambda: setattr(job, "cancelled", True)):
-                job.cancelled = True
+            job.watch(context)
             run_jobs([job], self.metrics, self.embed_chunk, batched=False)
             job.result()
         for stage in ("queue", "wait_engine", "predict", "gradient", "search", "fetch", "batch"):
