@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", required=True, help="checkout of the commit to compare against")
     ap.add_argument("--dims", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--rounds", type=int, default=2, help="runs per checkout and dimension (median reported)")
-    ap.add_argument("--log", default=str(ROOT / "benchmarks" / "results" / "bench_compare_runs.txt"),
+    ap.add_argument("--log", default=str(ROOT / "benchmarks" / "out" / "bench_compare_runs.txt"),
                     help="where the full output of every run goes")
     args, extra = ap.parse_known_args(argv)
     base, head = Path(args.base).resolve(), ROOT
