@@ -365,6 +365,7 @@ class TorchEngine(GradientEngine):
                 if verify and len(x) >= 2:
                     self._verified = True
                     self._settle_rules()
+                self._announce()  # one warning for everything this chunk's checks sent to the generic path
                 return blocks
             self._demote(failed)
         raise RuntimeError("gradindex: the per-example gradient checks kept failing; please report this model.")
@@ -387,7 +388,6 @@ class TorchEngine(GradientEngine):
         for n, why in failed.items():
             self._rule_of_param[n] = "vmap"
             self._reasons[n] = why
-        self._announce()
 
     def _announce(self) -> None:
         new = [n for n in self._generic() if n not in self._warned]
@@ -400,7 +400,6 @@ class TorchEngine(GradientEngine):
                       "(torch.func.vmap, or a per-example loop) for them (slower).", RuntimeWarning, stacklevel=5)
 
     def _try_chunk(self, x: torch.Tensor, y: torch.Tensor | None, verify: bool) -> tuple[list[Block], dict[str, str]]:
-        self._announce()
         cap = _Capture(self, len(x), verify)
         self._cap = cap
         try:
