@@ -362,16 +362,24 @@ def test_torch_zoo(name: str):
 
 
 def report_markdown() -> str:
-    """The zoo table for docs/engine_conformance.md."""
-    lines = ["| model | rules used (parameter count) | generic path | max rel. error |", "|---|---|---|---|"]
+    """The zoo table for docs/engine_conformance.md: per model, each rule with the parameters it took."""
+    lines = ["| model | rule: parameters (count) | max rel. error |", "|---|---|---|"]
     for name, rec in ZOO_REPORT.items():
-        counts: dict[str, int] = {}
-        for r in rec["rules"].values():
-            counts[r] = counts.get(r, 0) + 1
-        generic = [n for n, r in rec["rules"].items() if r in ("vmap", "loop", "tape_loop")]
-        rules = ", ".join(f"{r} ({c})" for r, c in sorted(counts.items()))
-        lines.append(f"| {name} | {rules} | {', '.join(generic) or '-'} | {max(rec['errors'].values()):.1e} |")
+        by_rule: dict[str, list[str]] = {}
+        for p, r in rec["rules"].items():
+            by_rule.setdefault(r, []).append(p)
+        cells = []
+        for r, ps in sorted(by_rule.items()):
+            kinds = sorted({_kind_of(p) for p in ps})
+            cells.append(f"**{r}**: {', '.join(kinds)} ({len(ps)})")
+        lines.append(f"| {name} | {'; '.join(cells)} | {max(rec['errors'].values()):.1e} |")
     return "\n".join(lines)
+
+
+def _kind_of(param: str) -> str:
+    """A short parameter kind from its name: the last two path components, digits dropped."""
+    parts = [p for p in param.replace("/", ".").split(".") if not p.isdigit() and not p.split("_")[-1].isdigit()]
+    return ".".join(parts[-2:]) if len(parts) > 1 else parts[0]
 
 
 if __name__ == "__main__":
