@@ -377,8 +377,10 @@ def report_markdown() -> str:
 
 
 def _kind_of(param: str) -> str:
-    """A short parameter kind from its name: the last two path components, digits dropped."""
-    parts = [p for p in param.replace("/", ".").split(".") if not p.isdigit() and not p.split("_")[-1].isdigit()]
+    """A short parameter kind from its name: the last two path components, layer numbers dropped."""
+    import re
+
+    parts = [re.sub(r"_\d+$", "", p) for p in param.replace("/", ".").split(".") if not p.isdigit()]
     return ".".join(parts[-2:]) if len(parts) > 1 else parts[0]
 
 
