@@ -74,6 +74,14 @@ class Block:
             self._a = np.concatenate([x, ones], axis=2) if self.has_weight else ones
         return self._a
 
+    @property
+    def a_shape(self) -> tuple[int, int, int]:
+        """Shape of :attr:`a` without forming it (an embedding's one-hot rows are never formed for it)."""
+        n, L = self.d.shape[0], self.d.shape[1]
+        if not self.has_weight:
+            return (n, L, 1)
+        return (n, L, int(self.a_in.shape[2]) + int(self.has_bias))
+
     @a.setter
     def a(self, value: np.ndarray) -> None:
         """Set the activations including the ones column (when the bias is selected)."""
