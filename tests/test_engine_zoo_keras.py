@@ -165,3 +165,33 @@ def test_keras_zoo(name: str):
         assert hits and all(rules[n] == rule for n in hits), (frag, {n: rules[n] for n in hits})
     generic = [n for n, r in rules.items() if r == "tape_loop"]
     assert (len(msgs) == 1 and all(n in msgs[0] for n in generic)) if generic else not msgs
+
+
+class TiedKeras(keras.Model):
+    """A Dense kernel also used through a matmul outside the layer (a tied weight no rule covers)."""
+
+    def __init__(self) -> None:
+        super().__init__(dtype=F64)
+        self.fc = L.Dense(5, dtype=F64)
+        self.head = L.Dense(2, dtype=F64)
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        h = tf.tanh(self.fc(x))
+        return self.head(tf.tanh(tf.matmul(h, self.fc.kernel)))
+
+
+def test_keras_guard_catches_a_tied_weight_and_stays_exact():
+    keras.utils.set_random_seed(7)
+    model = TiedKeras()
+    X, Y = np.random.default_rng(7).normal(size=(6, 5)), np.array([0, 1, 1, 0, 1, 0])
+    model(X[:1])
+    with pytest.warns(RuntimeWarning, match="numeric check failed") as rec:
+        eng = make_engine(model, SCCE, chunk_size=3)
+        G = eng.grads(X, Y, dtype=np.float64)
+    assert sum("generic path" in str(w.message) for w in rec) == 1
+    kernel = model.fc.kernel.path
+    assert eng.rules[kernel] == "tape_loop" and eng.rules[model.head.kernel.path] == "dense"
+    ref = _tape_loop(model, SCCE, X, Y)
+    offs = eng.offsets()
+    for n, size in zip(eng.param_names, eng.param_sizes):
+        np.testing.assert_allclose(G[:, offs[n]:offs[n] + size], ref[n], rtol=1e-7, atol=1e-12, err_msg=n)
