@@ -165,3 +165,42 @@ def test_rules_of_a_plain_model_and_no_warning():
     assert eng.rules == {"0.weight": "embedding", "1.weight": "norm", "1.bias": "norm", "3.weight": "linear",
                          "3.bias": "linear"}
     _check_exact(eng, model, X, np.array([0, 1, 0, 1, 1]), G)
+
+
+def test_only_an_unused_layer_selected_gives_zero_rows_and_other_threads_are_not_captured():
+    import threading
+
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(3, 2)
+            self.unused = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    m = M().double()
+    X = np.random.default_rng(0).normal(size=(5, 3))
+    eng = make_engine(m, nn.CrossEntropyLoss(), params=[m.unused])
+    G = eng.grads(X, np.array([0, 1, 0, 1, 1]), dtype=np.float64)
+    assert G.shape == (5, 12) and not G.any()
+    # a plain forward of the same model in another thread while the engine captures is left alone
+    eng2 = make_engine(m, nn.CrossEntropyLoss())
+    stop = threading.Event()
+
+    def other():
+        while not stop.is_set():
+            with torch.no_grad():
+                m(torch.zeros(7, 3, dtype=torch.float64))
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        G2 = eng2.grads(X, np.array([0, 1, 0, 1, 1]), dtype=np.float64)
+    finally:
+        stop.set()
+        t.join()
+    ref = reference_loop(m, nn.CrossEntropyLoss(), X, np.array([0, 1, 0, 1, 1]))
+    np.testing.assert_allclose(G2[:, :8], np.concatenate([ref["used.weight"], ref["used.bias"]], 1), rtol=1e-9)

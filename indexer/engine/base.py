@@ -384,8 +384,9 @@ class GradientEngine(ABC):
         fresh pages for each chunk, which costs more than the gradients themselves for large models.
         """
         buf: np.ndarray | None = None
+        total, cs = len(np.asarray(X)), chunk_size or self.chunk_size
         for s, blocks in self.iter_blocks(X, Y, chunk_size):
-            n = blocks[0].n
+            n = min(cs, total - s)  # not blocks[0].n: a chunk may have no block (only unused layers selected)
             if not reuse_buffer or buf is None or len(buf) < n:
                 buf = np.empty((n, self.dim), dtype=dtype)
             yield s, self.assemble(blocks, buf[:n])
@@ -394,8 +395,9 @@ class GradientEngine(ABC):
         """All per-example gradient rows (n, dim), written straight into one array."""
         X = np.asarray(X)
         out = np.empty((len(X), self.dim), dtype=dtype)
+        cs = chunk_size or self.chunk_size
         for s, blocks in self.iter_blocks(X, Y, chunk_size):
-            self.assemble(blocks, out[s:s + blocks[0].n])
+            self.assemble(blocks, out[s:s + min(cs, len(X) - s)])
         return out
 
 

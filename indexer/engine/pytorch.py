@@ -255,8 +255,8 @@ class TorchEngine(GradientEngine):
                 self._planned[n] = rules.pop() if len(rules) == 1 else "tied"
         self._rule_of_param: dict[str, str] = dict(self._planned)  # final rules (after the guard)
         self._inplace = any(getattr(m, "inplace", False) for m in model.modules())
-        self._cap: _Capture | None = None
         self._verified = False
+        self._lock = threading.Lock()
         self._warned: set[str] = set()
         self._hooks = []
         hooked_modules = {id(mod): mod for n, lst in owners.items() for mod, _, r in lst
@@ -283,21 +283,28 @@ class TorchEngine(GradientEngine):
         return n
 
     # ------------------------------------------------------------------ hooks
+    def _current(self) -> "_Capture | None":
+        """This thread's capture if it belongs to this engine (another thread's forward is left alone)."""
+        cap = getattr(_TLS, "capture", None)
+        return cap if cap is not None and cap.engine is self else None
+
     def _mha_enter(self, mod: nn.Module, args: tuple) -> None:
-        if self._cap is not None:
-            self._cap.mha_depth += 1
+        cap = self._current()
+        if cap is not None:
+            cap.mha_depth += 1
 
     def _mha_exit(self, mod: nn.Module, args: tuple, out: Any) -> None:
-        if self._cap is not None:
-            self._cap.mha_depth -= 1
+        cap = self._current()
+        if cap is not None:
+            cap.mha_depth -= 1
 
     def _pre_hook(self, mod: nn.Module, args: tuple) -> None:
-        cap = self._cap
+        cap = self._current()
         if cap is not None and cap.verify:
             cap.pre_seq.setdefault(id(mod), []).append(_seq())
 
     def _post_hook(self, mod: nn.Module, args: tuple, output: Any) -> Any:
-        cap = self._cap
+        cap = self._current()
         if cap is None or not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
             return None
         rule = _module_rule(mod)
@@ -358,6 +365,10 @@ class TorchEngine(GradientEngine):
     def _chunk_blocks(self, X: np.ndarray, Y: np.ndarray | None) -> list[Block]:
         x = self._to_x(X)
         y = self._to_y(Y)
+        with self._lock:  # rules and checks are per engine: one chunk at a time
+            return self._chunk_blocks_locked(x, y)
+
+    def _chunk_blocks_locked(self, x: torch.Tensor, y: torch.Tensor | None) -> list[Block]:
         for _ in range(3):  # at most: plan -> structural failures -> guard failures
             verify = not self._verified
             blocks, failed = self._try_chunk(x, y, verify)
@@ -401,13 +412,9 @@ class TorchEngine(GradientEngine):
 
     def _try_chunk(self, x: torch.Tensor, y: torch.Tensor | None, verify: bool) -> tuple[list[Block], dict[str, str]]:
         cap = _Capture(self, len(x), verify)
-        self._cap = cap
-        try:
-            with _capturing(cap), torch.enable_grad():
-                out = self.model(x)
-                L = self.per_example_loss(out, y)
-        finally:
-            self._cap = None
+        with _capturing(cap), torch.enable_grad():
+            out = self.model(x)
+            L = self.per_example_loss(out, y)
         failed = dict(cap.bad)
         hooked = [n for n in self.param_names if self._rule_of_param[n] not in GENERIC_RULES]
         if verify:
