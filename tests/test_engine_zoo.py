@@ -322,6 +322,33 @@ class AddedParameter(nn.Module):
         return self.head(torch.tanh(self.fc(x) + self.offset))
 
 
+class LlamaStyleRMSNorm(nn.Module):
+    """An RMSNorm written as Hugging Face's Llama/T5 models write theirs (no torch norm op)."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + self.variance_epsilon))
+
+
+class RMSNorms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.rms = nn.RMSNorm(6)
+        self.llama = LlamaStyleRMSNorm(6)
+        self.head = nn.Linear(6, 2)
+        with torch.no_grad():
+            self.rms.weight.add_(0.1 * torch.randn(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.llama(torch.tanh(self.rms(self.fc(x)))))
+
+
 def _cls(n: int, k: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, k, size=n)
 
@@ -346,6 +373,8 @@ TORCH_ZOO: dict[str, Callable[[], tuple[nn.Module, np.ndarray, np.ndarray, dict[
     "torch ConvTranspose2d": lambda: (Deconv(), _normal(4, 2, 3, 3), _cls(4, 2), {}),
     "torch module called twice": lambda: (Twice(), _normal(5, 5), _cls(5, 2), {"fc.weight": "linear",
                                                                                "ln.weight": "norm"}),
+    "torch RMSNorm (nn.RMSNorm, Llama-style module)": lambda: (RMSNorms(), _normal(5, 5), _cls(5, 2),
+                                                                {"rms.weight": "norm", "llama.weight": "norm"}),
     "torch weight used via F.linear": lambda: (FunctionalLinear(), _normal(5, 5), _cls(5, 2), {"w": "linear"}),
     "torch nn.Parameter added to activations": lambda: (AddedParameter(), _normal(5, 5), _cls(5, 2),
                                                         {"fc.weight": "linear"}),
