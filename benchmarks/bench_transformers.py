@@ -207,8 +207,10 @@ def main() -> None:
         summary[name] = r[ "engine, per layer"] / ceil
     n_mem = 64 if args.quick else 128
     Tm = 32
-    print(f"\nGradientSimilarity, BERT-like at T = {Tm}, {n_mem} training examples")
-    c = compact_store(32 if args.quick else 64, Tm, 4)
+    n_cmp = 32 if args.quick else 64
+    print(f"\nGradientSimilarity, BERT-like at T = {Tm}: store and scores over {n_cmp} training examples, "
+          f"fit memory over {n_mem}")
+    c = compact_store(n_cmp, Tm, 4)
     print(f"  compact store {c['store'] / 2**20:.1f} MiB vs full gradients {c['full'] / 2**20:.1f} MiB: "
           f"{c['full'] / c['store']:.2f}x smaller (target >= 5x); blocks stored as {c['kinds']}")
     print(f"  scores vs full-gradient scores: max error {c['err']:.2e} of the largest score (target <= 1e-5)")
