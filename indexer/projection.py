@@ -116,7 +116,7 @@ def layout_of(blocks: Sequence[Any], offsets: dict[str, int]) -> list[BlockInfo]
     for b in blocks:
         parts = [(name, int(offsets[name]), int(n)) for name, n in b.parts]
         if b.kind == "outer":
-            out.append(BlockInfo(b.name, "outer", b.size, parts, int(b.a.shape[2]), int(b.d.shape[2])))
+            out.append(BlockInfo(b.name, "outer", b.size, parts, int(b.a_shape[2]), int(b.d.shape[2])))
         else:
             out.append(BlockInfo(b.name, "full", b.size, parts))
     return out
@@ -264,7 +264,7 @@ class Projector:
             return V, None
         sq = np.zeros(len(V), dtype=np.float64)
         for bi, blk in enumerate(blocks):
-            if blk.kind == "outer" and blk.a.shape[1] == 1 and getattr(blk, "has_weight", True) and bi not in cache:
+            if blk.kind == "outer" and blk.d.shape[1] == 1 and getattr(blk, "has_weight", True) and bi not in cache:
                 sq += blk.sq_norms()
             else:
                 m = mat(bi, blk)
@@ -293,9 +293,12 @@ class Projector:
                 continue
             if self.uses_factors(bi):
                 Po, Pi = self.factors(bi)
-                a = torch.from_numpy(np.ascontiguousarray(blk.a, dtype=np.float32))
                 d = torch.from_numpy(np.ascontiguousarray(blk.d, dtype=np.float32))
-                pa = torch.matmul(a, torch.from_numpy(Pi))  # (n, L, k_in)
+                if getattr(blk, "idx", None) is not None:  # embedding: one-hot rows @ P_in = rows of P_in
+                    pa = torch.from_numpy(Pi)[torch.from_numpy(blk.idx)]
+                else:
+                    a = torch.from_numpy(np.ascontiguousarray(blk.a, dtype=np.float32))
+                    pa = torch.matmul(a, torch.from_numpy(Pi))  # (n, L, k_in)
                 pd = torch.matmul(d, torch.from_numpy(Po))  # (n, L, k_out)
                 if pa.shape[1] == 1:
                     ot += (pd[:, 0, :, None] * pa[:, 0, None, :]).reshape(n, k)
@@ -315,9 +318,15 @@ class Projector:
 
         k = self.spec.dim
         if self.uses_factors(bi):
-            a = torch.from_numpy(np.ascontiguousarray(blk.a, dtype=np.float32))
             d = torch.from_numpy(np.ascontiguousarray(blk.d, dtype=np.float32))
-            fa = torch.fft.rfft(self._countsketch(a, bi, 0), n=k)  # (n, L, k//2+1)
+            if getattr(blk, "idx", None) is not None:  # embedding: CountSketch of one-hot rows, by token id
+                h, sgn = self.hashes(bi, 0, info.din)
+                idx = torch.from_numpy(blk.idx)
+                ca = torch.zeros(*idx.shape, k, dtype=torch.float32)
+                ca.scatter_(2, torch.from_numpy(h)[idx][..., None], torch.from_numpy(sgn)[idx][..., None])
+            else:
+                ca = self._countsketch(torch.from_numpy(np.ascontiguousarray(blk.a, dtype=np.float32)), bi, 0)
+            fa = torch.fft.rfft(ca, n=k)  # (n, L, k//2+1)
             fd = torch.fft.rfft(self._countsketch(d, bi, 1), n=k)
             ot += torch.fft.irfft((fa * fd).sum(dim=1), n=k)
             return

@@ -1,12 +1,21 @@
 """TensorFlow/Keras adapter of the gradient engine: per-example gradients from one batched tape.
 
-Measured on this CPU (benchmarks/bench_gradients.py): ``GradientTape.jacobian`` is unusable (≈14 examples/s),
-``tf.vectorized_map`` reaches ≈830, one batched backward ≈2,600. The per-layer factors reach the
-batched speed: each supported layer (Dense, Conv1D/Conv2D, Embedding, BatchNormalization in
-inference) has its ``call`` wrapped while the engine runs, so its input and pre-activation output
-are recorded on the tape; one ``tape.gradient`` of the summed per-example losses w.r.t. those outputs
-gives every example's output gradient, and the per-example weight gradient is formed from the two.
-Layers without a rule fall back to ``tf.vectorized_map``, announced once.
+Measured on this CPU: ``GradientTape.jacobian`` is unusable (≈14 examples/s), ``tf.vectorized_map``
+reaches ≈830, one batched backward ≈2,600. The per-layer factors reach the batched speed: each
+supported layer has its ``call`` wrapped while the engine runs, so its input and pre-activation
+output are recorded on the tape; one ``tape.gradient`` of the summed per-example losses w.r.t. those
+outputs gives every example's output gradient, and the per-example weight gradient is formed from
+the two. Rules: ``dense`` (Dense on (batch, ..., features): Σ_t δ_t a_tᵀ), ``einsum_dense``
+(EinsumDense, hence MultiHeadAttention's query/key/value/output projections), ``conv`` (Conv1D/2D),
+``embedding`` (token ids of any shape; position ids without the batch axis are broadcast to it),
+``layernorm`` (LayerNormalization), ``batchnorm`` (inference statistics).
+
+Never silently wrong: on the first chunk of at least two examples, Σ_i w_i g_i from the rules must
+equal one batched tape gradient of Σ_i w_i L_i (random w) for every weight; a weight failing it, or
+one that no rule covers (e.g. GRU), goes to the exact generic path with one warning naming it.
+The generic path is a per-example loop traced once with ``tf.function`` (rule ``tape_loop``), not
+``tf.vectorized_map``: vectorized_map aborts the process (SIGABRT/SIGSEGV inside oneDNN) on Keras
+attention models in TensorFlow 2.21 with oneDNN on, a default no library should have to change.
 
 Keras losses are called as Keras users write them: ``loss_fn(y_true, y_pred)``.
 """
@@ -22,26 +31,47 @@ import numpy as np
 import tensorflow as tf
 
 from indexer.defaults import CHUNK_SIZE
-from indexer.engine.base import Block, GradientEngine, WarnOnce, select_names
+from indexer.engine.base import Block, GradientEngine, guard_tolerance, select_names
 
 keras = tf.keras
 
 
 def _layers(model: Any) -> list[Any]:
-    """All layers of a model, nested models flattened, in order."""
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model) or (hasattr(layer, "layers") and layer.layers):
-            out.extend(_layers(layer))
-        else:
+    """All leaf layers of a model (nested models and layers with sublayers, e.g. MultiHeadAttention, flattened)."""
+    out, seen = [], set()
+
+    def walk(layer: Any) -> None:
+        subs = list(layer._flatten_layers(include_self=False, recursive=False)) if hasattr(
+            layer, "_flatten_layers") else list(getattr(layer, "layers", []))
+        if subs:
+            for sub in subs:
+                walk(sub)
+        elif id(layer) not in seen:
+            seen.add(id(layer))
             out.append(layer)
+
+    for layer in model._flatten_layers(include_self=False, recursive=False):
+        walk(layer)
     return out
+
+
+def _einsum_parts(eq: str, x_rank: int) -> tuple[str, str, str]:
+    """(input, kernel, output) subscripts of an EinsumDense equation, ellipsis spelled out."""
+    lhs, out = eq.replace(" ", "").split("->")
+    xin, ker = lhs.split(",")
+    if "..." in xin:
+        free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq][: x_rank - (len(xin) - 3)]
+        xin = xin.replace("...", "".join(free))
+        out = out.replace("...", "".join(free))
+    return xin, ker, out
 
 
 def _kind(layer: Any) -> str | None:
     L = keras.layers
     if isinstance(layer, L.Dense):
         return "dense"
+    if isinstance(layer, L.EinsumDense):
+        return "einsum_dense"
     if isinstance(layer, (L.Conv2D, L.Conv1D)) and not isinstance(layer, (L.Conv2DTranspose, L.Conv1DTranspose,
                                                                             L.DepthwiseConv2D, L.SeparableConv2D)):
         if getattr(layer, "groups", 1) == 1 and layer.data_format == "channels_last":
@@ -49,6 +79,8 @@ def _kind(layer: Any) -> str | None:
         return None
     if isinstance(layer, L.Embedding):
         return "embedding"
+    if isinstance(layer, L.LayerNormalization):
+        return "layernorm"
     if isinstance(layer, L.BatchNormalization):
         axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
         return "bn" if axis in (-1,) or axis is not None else None
@@ -88,17 +120,23 @@ class KerasEngine(GradientEngine):
         self.param_sizes = [int(np.prod(self._weights[n].shape)) for n in self.param_names]
         self.dtype = tf.as_dtype(self._weights[self.param_names[0]].dtype)
         self._hooked: list[tuple[Any, str]] = []
-        self._fallback: list[str] = []
+        self._rule_of_param: dict[str, str] = {}
+        self._reasons: dict[str, str] = {}
         for layer in _layers(model):
             own = [w.path for w in layer.trainable_weights if w.path in chosen]
-            if not own:
-                continue
             kind = _kind(layer)
-            if kind is None:
-                self._fallback.extend(own)
-            else:
-                self._hooked.append((layer, kind))
-        self._warn_fallback = WarnOnce()
+            if not own or kind is None:
+                continue
+            self._hooked.append((layer, kind))
+            for n in own:
+                self._rule_of_param.setdefault(n, "batchnorm" if kind == "bn" else kind)
+        for n in self.param_names:  # weights no rule covers (GRU, a subclassed model's own weights, ...)
+            if n not in self._rule_of_param:
+                self._rule_of_param[n] = "tape_loop"
+                self._reasons[n] = "no vectorized rule for its layer"
+        self._verified = False
+        self._warned: set[str] = set()
+        self._loop_fn = None
         try:
             self._in_dtype = tf.as_dtype(model.inputs[0].dtype)
         except Exception:
@@ -138,22 +176,27 @@ class KerasEngine(GradientEngine):
         else:
             L = self.loss_fn(y, out)
         L = tf.convert_to_tensor(L)
+        if L.shape.rank == 0 and out.shape.rank and out.shape[0] == 1:
+            return tf.reshape(L, [1])
         if L.shape.rank and L.shape.rank >= 1:
             return tf.reshape(L, [n, -1])[:, 0] if L.shape.rank == 1 else tf.reduce_sum(tf.reshape(L, [n, -1]), 1)
+        # A reducing loss: evaluate it on each example (tf.map_fn, not vectorized_map: see the module doc).
         if y is None:
-            return tf.vectorized_map(lambda o: self.loss_fn(None, o[None]), out)
-        return tf.vectorized_map(lambda args: tf.reshape(self.loss_fn(args[0][None], args[1][None]), []), (y, out))
+            return tf.map_fn(lambda o: tf.reshape(self.loss_fn(None, o[None]), []), out)
+        return tf.map_fn(lambda args: tf.reshape(self.loss_fn(args[0][None], args[1][None]), []), (y, out),
+                         fn_output_signature=out.dtype)
 
     # ---------------------------------------------------------------- blocks
     def _forward(self, x: tf.Tensor, y: tf.Tensor | None) -> tuple[tf.Tensor, list, list]:
         """Forward with recording wrappers; returns per-example losses, records and output gradients."""
         records: list[tuple[Any, str, tf.Tensor, tf.Tensor]] = []
         originals = []
+        B = tf.shape(x)[0]
         with tf.GradientTape(persistent=False) as tape:
             for layer, kind in self._hooked:
                 orig = layer.call
                 originals.append((layer, orig))
-                layer.call = self._wrap(layer, kind, orig, tape, records)
+                layer.call = self._wrap(layer, kind, orig, tape, records, B, x.shape.rank)
             try:
                 out = self.model(x, training=False)
             finally:
@@ -168,9 +211,9 @@ class KerasEngine(GradientEngine):
         return L, records, grads
 
     @staticmethod
-    def _wrap(layer: Any, kind: str, orig: Any, tape: tf.GradientTape, records: list):
+    def _wrap(layer: Any, kind: str, orig: Any, tape: tf.GradientTape, records: list, B: Any, x_rank: int | None):
         def wrapped(inputs, *args, **kwargs):
-            act = getattr(layer, "activation", None) if kind in ("dense", "conv") else None
+            act = getattr(layer, "activation", None) if kind in ("dense", "conv", "einsum_dense") else None
             if act is not None:
                 layer.activation = None
             try:
@@ -178,16 +221,26 @@ class KerasEngine(GradientEngine):
             finally:
                 if act is not None:
                     layer.activation = act
+            inp = tf.convert_to_tensor(inputs)
+            r = inp.shape.rank
+            if kind == "embedding" and r is not None and x_rank is not None and r < x_rank:
+                # ids without the batch axis (position ids): the output is broadcast over the batch
+                # anyway; broadcasting it first gives each example its own output gradient.
+                z = tf.broadcast_to(z[None], tf.concat([[B], tf.shape(z)], 0))
+                inp = tf.broadcast_to(inp[None], tf.concat([[B], tf.shape(inp)], 0))
+            elif r and inp.shape[0] == 1:
+                z = tf.broadcast_to(z, tf.concat([[B], tf.shape(z)[1:]], 0))
+                inp = tf.broadcast_to(inp, tf.concat([[B], tf.shape(inp)[1:]], 0))
             tape.watch(z)
-            records.append((layer, kind, inputs, z))
+            records.append((layer, kind, inp, z))
             return act(z) if act is not None else z
         return wrapped
 
-    def _inputs_and_grads(self, x: tf.Tensor, y: tf.Tensor | None) -> tuple[list, list]:
-        """Traced once per input signature: the hooked layers' inputs and output gradients."""
-        _, records, gz = self._forward(x, y)
+    def _inputs_and_grads(self, x: tf.Tensor, y: tf.Tensor | None) -> tuple[list, list, tf.Tensor]:
+        """Traced once per input signature: the hooked layers' inputs, output gradients, and the losses."""
+        L, records, gz = self._forward(x, y)
         self._trace_layers = [(r[0], r[1]) for r in records]  # static: the same order in every trace
-        return [tf.convert_to_tensor(r[2]) for r in records], list(gz)
+        return [tf.convert_to_tensor(r[2]) for r in records], list(gz), L
 
     @property
     def _graph_fn(self):
@@ -196,49 +249,126 @@ class KerasEngine(GradientEngine):
             self._compiled = tf.function(self._inputs_and_grads, reduce_retracing=True)
         return self._compiled
 
+    def _generic(self) -> list[str]:
+        return [n for n in self.param_names if self._rule_of_param[n] == "tape_loop"]
+
     def _chunk_blocks(self, X: np.ndarray, Y: np.ndarray | None) -> list[Block]:
         x, y = self._to_x(X), self._to_y(Y)
-        with self._lock:
-            inputs, gz = self._graph_fn(x, y)
-        per_layer: dict[int, list] = {}
-        for (layer, kind), inp, g in zip(self._trace_layers, inputs, gz):
-            per_layer.setdefault(id(layer), [layer, kind, []])[2].append((inp, g))
-        blocks = [self._layer_block(layer, kind, calls) for layer, kind, calls in per_layer.values()]
-        if self._fallback:
+        for _ in range(2):
+            with self._lock:
+                inputs, gz, L = self._graph_fn(x, y)
+            per_layer: dict[int, list] = {}
+            for (layer, kind), inp, g in zip(self._trace_layers, inputs, gz):
+                per_layer.setdefault(id(layer), [layer, kind, []])[2].append((inp, g))
+            blocks = [b for b in (self._layer_block(layer, kind, calls) for layer, kind, calls in per_layer.values())
+                      if b is not None]
+            hooked = [n for n in self.param_names if self._rule_of_param[n] != "tape_loop"]
+            if not self._verified and len(X) >= 2:
+                failed = self._numeric_guard(x, y, L, blocks, hooked) if hooked else {}
+                if failed:
+                    for n, why in failed.items():
+                        self._rule_of_param[n] = "tape_loop"
+                        self._reasons[n] = why
+                    continue
+                self._verified = True
+            break
+        self._announce()
+        if self._generic():
             blocks.append(self._fallback_block(x, y))
         return blocks
+
+    def _announce(self) -> None:
+        new = [n for n in self._generic() if n not in self._warned]
+        if not new:
+            return
+        self._warned.update(new)
+        desc = "; ".join(f"{n} ({self._reasons.get(n, 'no vectorized rule')})" for n in new[:8])
+        more = f"; and {len(new) - 8} more" if len(new) > 8 else ""
+        warnings.warn(f"gradindex: no vectorized rule proven exact for {desc}{more}: using the exact generic path "
+                      "(a per-example loop traced with tf.function) for them (slower).", RuntimeWarning, stacklevel=5)
+
+    def _numeric_guard(self, x: tf.Tensor, y: tf.Tensor | None, L: tf.Tensor, blocks: list[Block],
+                       hooked: list[str]) -> dict[str, str]:
+        """Σ_i w_i g_i from the rules vs one batched tape gradient of Σ_i w_i L_i (random w), per weight."""
+        w = np.random.default_rng(12345).uniform(0.5, 1.5, size=int(x.shape[0]))
+        ws = [self._weights[n] for n in hooked]
+        with tf.GradientTape() as tape:
+            Lr = self.per_example_loss(self.model(x, training=False), y)
+            tot = tf.reduce_sum(Lr * tf.cast(w, Lr.dtype))
+        R = tape.gradient(tot, ws, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        tol = guard_tolerance(self.dtype.name)
+        lr, lh = np.asarray(Lr, dtype=np.float64), np.asarray(L, dtype=np.float64)
+        if np.abs(lr - lh).max() > tol * max(1.0, np.abs(lr).max()):
+            return {n: "the layer capture changed the model's output" for n in hooked}
+        S: dict[str, np.ndarray] = {}
+        for b in blocks:
+            for name, vec in b.weighted_sums(w).items():
+                S[name] = S.get(name, 0) + vec
+        refs = {n: np.asarray(tf.convert_to_tensor(r), dtype=np.float64).reshape(-1) for n, r in zip(hooked, R)}
+        floor = 1e-3 * max(np.abs(v).max(initial=0.0) for v in refs.values())
+        bad = {}
+        for n, ref in refs.items():
+            got = S.get(n, np.zeros_like(ref))
+            scale = max(np.abs(ref).max(initial=0.0), np.abs(got).max(initial=0.0), floor)
+            err = np.abs(got - ref).max(initial=0.0)
+            if err > tol * scale or not np.isfinite(err):
+                bad[n] = f"the numeric check failed: weighted sum off by {err / max(scale, 1e-300):.2g} of its largest entry"
+        return bad
 
     def _parts(self, layer: Any, attrs: Sequence[str]) -> tuple[list[tuple[str, int]], list[bool]]:
         parts, present = [], []
         for a in attrs:
             w = getattr(layer, a, None)
-            ok = w is not None and getattr(w, "path", None) in self._weights
+            path = getattr(w, "path", None)
+            ok = w is not None and path in self._weights and self._rule_of_param[path] != "tape_loop"
             present.append(ok)
             if ok:
-                parts.append((w.path, int(np.prod(w.shape))))
+                parts.append((path, int(np.prod(w.shape))))
         return parts, present
 
-    def _layer_block(self, layer: Any, kind: str, calls: list) -> Block:
+    def _layer_block(self, layer: Any, kind: str, calls: list) -> Block | None:
         if kind in ("dense", "conv"):
             parts, (has_w, has_b) = self._parts(layer, ("kernel", "bias"))
+            if not parts:
+                return None
             pairs = [self._factors(layer, kind, tf.convert_to_tensor(inp), g) for inp, g in calls]
             a = tf.concat([p[0] for p in pairs], axis=1) if len(pairs) > 1 else pairs[0][0]
             d = tf.concat([p[1] for p in pairs], axis=1) if len(pairs) > 1 else pairs[0][1]
             return Block(layer.name, "outer", parts, a_in=a.numpy(), d=d.numpy(), layout="in_out",
                          has_bias=has_b, has_weight=has_w)
+        if kind == "einsum_dense":
+            return self._einsum_block(layer, calls)
         if kind == "embedding":
             parts, _ = self._parts(layer, ("embeddings",))
+            if not parts:
+                return None
             V, dim = layer.embeddings.shape
+            idx = tf.concat([tf.reshape(tf.cast(inp, tf.int64), [tf.shape(g)[0], -1]) for inp, g in calls], 1)
+            d = tf.concat([tf.reshape(g, [tf.shape(g)[0], -1, int(dim)]) for inp, g in calls], 1)
+            return Block(layer.name, "outer", parts, idx=idx.numpy(), vocab=int(V), d=d.numpy(), layout="in_out")
+        if kind == "layernorm":
+            parts, (has_g, has_b) = self._parts(layer, ("gamma", "beta"))
+            if not parts:
+                return None
             full = None
             for inp, g in calls:
+                inp = tf.cast(tf.convert_to_tensor(inp), g.dtype)
+                u = keras.ops.layer_normalization(inp, None, None, layer.axis, layer.epsilon,
+                                                  rms_scaling=getattr(layer, "rms_scaling", False))
                 n = tf.shape(g)[0]
-                idx = tf.reshape(tf.cast(inp, tf.int32), [n, -1])
-                oh = tf.one_hot(idx, int(V), dtype=g.dtype)  # (n, L, V)
-                rows = tf.reshape(tf.einsum("nlv,nld->nvd", oh, tf.reshape(g, [n, -1, int(dim)])), [n, -1])
+                c = int(np.prod((layer.gamma if layer.gamma is not None else layer.beta).shape))
+                pieces = []
+                if has_g:
+                    pieces.append(tf.reduce_sum(tf.reshape(g * tf.cast(u, g.dtype), [n, -1, c]), 1))
+                if has_b:
+                    pieces.append(tf.reduce_sum(tf.reshape(g, [n, -1, c]), 1))
+                rows = tf.concat(pieces, axis=1)
                 full = rows if full is None else full + rows
             return Block(layer.name, "full", parts, full=full.numpy())
         # batch normalization, inference statistics
         parts, (has_g, has_b) = self._parts(layer, ("gamma", "beta"))
+        if not parts:
+            return None
         full = None
         for inp, g in calls:
             inp = tf.cast(tf.convert_to_tensor(inp), g.dtype)
@@ -254,6 +384,51 @@ class KerasEngine(GradientEngine):
             rows = tf.concat(pieces, axis=1)
             full = rows if full is None else full + rows
         return Block(layer.name, "full", parts, full=full.numpy())
+
+    def _einsum_block(self, layer: Any, calls: list) -> Block | None:
+        """EinsumDense: factors (a, d) when the equation is a dense layer with grouped axes, else full rows."""
+        parts, (has_w, has_b) = self._parts(layer, ("kernel", "bias"))
+        if not parts:
+            return None
+        kshape = [int(s) for s in layer.kernel.shape]
+        pairs, fulls = [], []
+        for inp, g in calls:
+            x = tf.cast(tf.convert_to_tensor(inp), g.dtype)
+            xin, ker, out = _einsum_parts(layer.equation, x.shape.rank)
+            contracted = [c for c in xin if c not in out]
+            outonly = [c for c in out if c not in xin]
+            free = [c for c in xin if c in out]
+            n = tf.shape(g)[0]
+            bias_ok = not has_b or [int(s) for s in layer.bias.shape] == kshape[len(contracted):]
+            if (xin[0] == out[0] and ker == "".join(contracted + outonly) and xin == "".join(free + contracted)
+                    and out == "".join(free + outonly) and not any(c in ker for c in free) and bias_ok):
+                din = int(np.prod(kshape[:len(contracted)]))
+                pairs.append((tf.reshape(x, [n, -1, din]), tf.reshape(g, [n, -1, int(np.prod(kshape)) // din])))
+                continue
+            pieces = []
+            if has_w:
+                pieces.append(tf.reshape(tf.einsum(f"{xin},{out}->{xin[0]}{ker}", x, g), [n, -1]))
+            if has_b:
+                bshape = [int(s) for s in layer.bias.shape]
+                gb = tf.reduce_sum(g, axis=list(range(1, g.shape.rank - len(bshape)))) if g.shape.rank - len(
+                    bshape) > 1 else g
+                axes = [i + 1 for i, s in enumerate(bshape) if s == 1 and gb.shape[i + 1] != 1]
+                if axes:
+                    gb = tf.reduce_sum(gb, axis=axes, keepdims=True)
+                pieces.append(tf.reshape(gb, [n, -1]))
+            fulls.append(tf.concat(pieces, 1))
+        if pairs and not fulls:
+            a = tf.concat([p[0] for p in pairs], axis=1)
+            d = tf.concat([p[1] for p in pairs], axis=1)
+            return Block(layer.name, "outer", parts, a_in=a.numpy(), d=d.numpy(), layout="in_out",
+                         has_bias=has_b, has_weight=has_w)
+        full = None
+        for a, d in pairs:  # mixed calls: materialize the factored ones too
+            fulls.append(tf.convert_to_tensor(Block(layer.name, "outer", parts, a_in=a.numpy(), d=d.numpy(),
+                                                    layout="in_out", has_bias=has_b, has_weight=has_w).materialize()))
+        for f in fulls:
+            full = f if full is None else full + f
+        return Block(layer.name, "full", parts, full=np.asarray(full))
 
     @staticmethod
     def _factors(layer: Any, kind: str, inp: tf.Tensor, g: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -282,25 +457,24 @@ class KerasEngine(GradientEngine):
         return a, tf.reshape(g, [n, -1, g.shape[-1]])
 
     def _fallback_block(self, x: tf.Tensor, y: tf.Tensor | None) -> Block:
-        """Per-example gradients of weights in layers without a rule, via tf.vectorized_map."""
-        names = self._fallback
-        self._warn_fallback(
-            f"gradindex: no vectorized rule for the layers owning {', '.join(names[:5])}"
-            f"{' ...' if len(names) > 5 else ''}; using tf.vectorized_map for them (slower).")
-        ws = [self._weights[n] for n in names]
+        """Exact per-example gradients of weights without a proven rule: a per-example loop, traced once.
 
-        def one(args):
-            xi = args[0][None]
-            yi = None if y is None else args[1][None]
-            with tf.GradientTape() as tape:
-                L = tf.reduce_sum(self.per_example_loss(self.model(xi, training=False), yi))
-            gs = tape.gradient(L, ws, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return tf.concat([tf.reshape(tf.convert_to_tensor(g), [-1]) for g in gs], 0)
+        Not ``tf.vectorized_map``: with oneDNN on (TensorFlow's default) it aborts the whole process on
+        Keras attention models; a loop over a compiled one-example gradient cannot.
+        """
+        names = self._generic()
+        if self._loop_fn is None or self._loop_fn[0] != names:
+            ws = [self._weights[n] for n in names]
 
-        elems = (x,) if y is None else (x, y)
-        try:
-            rows = tf.vectorized_map(one, elems)
-        except Exception:
-            rows = tf.stack([one(tuple(e[i] for e in elems)) for i in range(int(x.shape[0]))])
+            def one(xi: tf.Tensor, yi: tf.Tensor | None) -> tf.Tensor:
+                with tf.GradientTape() as tape:
+                    L = tf.reduce_sum(self.per_example_loss(self.model(xi, training=False), yi))
+                gs = tape.gradient(L, ws, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                return tf.concat([tf.reshape(tf.convert_to_tensor(g), [-1]) for g in gs], 0)
+
+            self._loop_fn = (names, tf.function(one, reduce_retracing=True))
+        fn = self._loop_fn[1]
+        with self._lock:
+            rows = [fn(x[i:i + 1], None if y is None else y[i:i + 1]) for i in range(int(x.shape[0]))]
         parts = [(n, int(np.prod(self._weights[n].shape))) for n in names]
-        return Block("<fallback>", "full", parts, full=rows.numpy())
+        return Block("<fallback>", "full", parts, full=np.stack([np.asarray(r) for r in rows]))
