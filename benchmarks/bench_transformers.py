@@ -36,6 +36,7 @@ pin_threads(1)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from indexer.compat import ensure_torchvision_importable  # noqa: E402
 from indexer.engine import make_engine  # noqa: E402
 from indexer.engine.losses import causal_lm_loss, sequence_classification_loss  # noqa: E402
 
@@ -43,17 +44,8 @@ VOCAB, HIDDEN, LAYERS, HEADS, PAD = 1000, 256, 4, 4, 0
 
 
 def _transformers():
-    """transformers without torchvision when the installed torchvision cannot load (not needed here)."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        sys.modules.pop("torchvision", None)
-        import transformers.utils as tu
-        import transformers.utils.import_utils as iu
-
-        for mod in (iu, tu):
-            mod.is_torchvision_available = lambda: False
-            mod.is_torchvision_v2_available = lambda: False
+    """Import transformers (torchvision kept importable beside the CPU-only torch)."""
+    ensure_torchvision_importable()
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -10,7 +10,6 @@ docs/engine_conformance.md (``python -m tests.test_engine_zoo`` prints the table
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from indexer.compat import ensure_torchvision_importable
 from indexer.engine import make_engine
 from indexer.engine.losses import causal_lm_loss, sequence_classification_loss, token_classification_loss
 
@@ -29,17 +29,8 @@ ZOO_REPORT: dict[str, dict[str, Any]] = {}
 
 
 def _transformers():
-    """Import transformers; if the installed torchvision cannot load, hide it (the zoo needs no vision ops)."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        sys.modules.pop("torchvision", None)
-        import transformers.utils as tu
-        import transformers.utils.import_utils as iu
-
-        for mod in (iu, tu):
-            mod.is_torchvision_available = lambda: False
-            mod.is_torchvision_v2_available = lambda: False
+    """Import transformers (torchvision kept importable beside the CPU-only torch)."""
+    ensure_torchvision_importable()
     import transformers
 
     transformers.logging.set_verbosity_error()
