@@ -12,7 +12,7 @@ from typing import Any
 _EXPORTS = {
     "AnchorTabular": ".tabular",
     "AnchorText": ".text",
-    "LanguageModel": ".text",
+    "LanguageModel": ".language_model",
     "AnchorImage": ".image",
     "Explanation": ".base",  # re-export of explainers.explanation.Explanation
     "Predictor": ".base",
