@@ -13,6 +13,9 @@ _EXPORTS = {
     "AnchorTabular": ".tabular",
     "AnchorText": ".text",
     "LanguageModel": ".language_model",
+    "DistilbertBaseUncased": ".language_model",
+    "BertBaseUncased": ".language_model",
+    "RobertaBase": ".language_model",
     "AnchorImage": ".image",
     "Explanation": ".base",  # re-export of explainers.explanation.Explanation
     "Predictor": ".base",

@@ -65,13 +65,49 @@ PREDICTOR_TYPES = ("class", "proba")
 # --------------------------------------------------------------------------------------------------
 # Predictor wrapper
 # --------------------------------------------------------------------------------------------------
+def infer_predictor_type(fn: Callable[[Any], Any], probe: Any) -> str:
+    """``'class'`` or ``'proba'`` from the predictor's output on ``probe`` (one zero input), as alibi infers it.
+
+    alibi calls the predictor once on a zero input at construction and keeps it as is when the
+    output's longest axis is the batch axis (``np.argmax(shape) == 0``: labels ``(1,)`` or
+    ``(1, 1)``), else wraps it in an argmax (scores ``(1, n_classes)``). The same rule here, with a
+    clear error when the probe call fails or returns something that is neither.
+    """
+    try:
+        out = np.asarray(fn(probe))
+    except Exception as e:  # the user's predictor: any failure means we cannot infer
+        raise ValueError(
+            f"could not infer predictor_type: calling the predictor on a zero input raised "
+            f"{type(e).__name__}: {e}. Pass predictor_type='class' (it returns labels) or 'proba' "
+            f"(it returns class scores)") from e
+    if out.ndim == 0 or out.ndim > 2 or out.shape[0] != 1:
+        raise ValueError(
+            f"could not infer predictor_type: on one zero input the predictor returned shape {out.shape}, "
+            f"expected (1,) labels or (1, n_classes) scores. Pass predictor_type='class' or 'proba'")
+    return "class" if int(np.argmax(out.shape)) == 0 else "proba"
+
+
+def resolve_predictor(fn: Callable[[Any], Any], predictor_type: str | None, probe: Callable[[], Any]
+                      ) -> tuple["Predictor", dict]:
+    """The label-returning :class:`Predictor` and the ``meta['params']`` entries saying how its kind was set.
+
+    ``predictor_type=None`` infers the kind as alibi does (:func:`infer_predictor_type` on
+    ``probe()``); a declared kind always wins and nothing is probed.
+    """
+    if not callable(fn):
+        raise TypeError(f"predictor must be callable, got {type(fn).__name__}")
+    inferred = predictor_type is None
+    if inferred:
+        predictor_type = infer_predictor_type(fn, probe())
+    return Predictor(fn, predictor_type), {"predictor_type": predictor_type, "predictor_type_inferred": inferred}
+
+
 class Predictor:
-    """Calls the user's predictor and turns its output into class labels, as *declared*.
+    """Calls the user's predictor and turns its output into class labels, as declared or inferred.
 
     ``predictor_type='class'``: the predictor returns one label per row (shape ``(n,)``).
     ``predictor_type='proba'``: it returns scores of shape ``(n, n_classes)``; the label is the argmax.
-    A mismatch raises ``ValueError`` instead of being silently guessed (alibi probes a zero input
-    and decides from the output shape, which misreads e.g. a 1-class or 1-row output).
+    A later output of the other shape raises ``ValueError`` instead of being guessed again.
     It also counts calls and rows, thread-safely, for benchmarks.
     """
 
@@ -194,7 +230,7 @@ class AnchorSearch:
 
     def __init__(self, sampler: Sampler, rng: np.random.Generator, batch_size: int = 100,
                  n_covered_ex: int = 10, binary_cache_size: int = 10000, cache_margin: int = 1000,
-                 lucb_arms: int | None = None) -> None:
+                 lucb_arms: int | None = None, verbose: bool = False, verbose_every: int = 1) -> None:
         if binary_cache_size < 1:
             raise ValueError(f"binary_cache_size must be >= 1, got {binary_cache_size}")
         self.sampler = sampler
@@ -204,6 +240,9 @@ class AnchorSearch:
         # None = also every other arm that still blocks the stopping rule (default)
         self.lucb_arms = 1 << 30 if lucb_arms is None else max(2, int(lucb_arms))
         self.margin = int(cache_margin)
+        # alibi's progress printout (stdout, its format): KL-LUCB rounds and each beam's candidates
+        self.verbose = bool(verbose)
+        self.verbose_every = max(1, int(verbose_every))
         self.n_features = int(sampler.n_features)
         # the binary cache: alibi pre-allocates binary_cache_size batches; np.zeros is lazily
         # committed memory, so untouched rows cost nothing.
@@ -342,7 +381,13 @@ class AnchorSearch:
             return int(not_J[np.argmax(ub[not_J])]), int(J[np.argmin(lb[J])])
 
         ut, lt = critical(t)
+        verbose_count = 0
         while ub[ut] - lb[lt] > epsilon:
+            verbose_count += 1
+            if self.verbose and verbose_count % self.verbose_every == 0:
+                print('Best: %d (mean:%.10f, n: %d, lb:%.4f)' % (lt, means[lt], n_samples[lt], lb[lt]), end=' ')
+                print('Worst: %d (mean:%.4f, n: %d, ub:%.4f)' % (ut, means[ut], n_samples[ut], ub[ut]), end=' ')
+                print('B = %.2f' % (ub[ut] - lb[lt]))
             idx = [ut, lt]
             if self.lucb_arms > 2:
                 # also sample the other arms that still block the stopping rule (ub > lb[lt] + epsilon),
@@ -398,6 +443,10 @@ class AnchorSearch:
             means = positives / n_samples
             lbs = dlow_bernoulli(means, beta / n_samples)
             ubs = dup_bernoulli(means, beta / n_samples)
+            if self.verbose:
+                print('Best of size ', current_size, ':')
+                for i, m_, l_, u_ in zip(cand, means, lbs, ubs):
+                    print(i, m_, l_, u_)
 
             def to_sample() -> np.ndarray:
                 return (((means >= desired_confidence) & (lbs < desired_confidence - epsilon_stop))
@@ -415,6 +464,12 @@ class AnchorSearch:
                 cont = to_sample()
             valid = (means >= desired_confidence) & (lbs > desired_confidence - epsilon_stop)
             better = np.nonzero(valid & (coverages > best_coverage))[0]
+            if self.verbose:
+                for a, ok, m_, l_, u_, c_ in zip(beam, valid, means, lbs, ubs, coverages):
+                    print('%s mean = %.2f lb = %.2f ub = %.2f coverage: %.2f n: %d'
+                          % (a, m_, l_, u_, c_, self.t_nsamples[a]))
+                    if ok:
+                        print('Found eligible result ', a, 'Coverage:', c_, 'Is best?', c_ > best_coverage)
             if better.size:
                 b = better[np.argmax(coverages[better])]
                 best_coverage = float(coverages[b])
@@ -505,14 +560,15 @@ def search_with_call_knobs(sampler: Sampler, default_seed: int | None, call: dic
     """
     params = {k: call[k] for k in SEARCH_DEFAULTS}
     seed = default_seed if call.get("seed") is None else call["seed"]
-    return run_search(sampler, seed, **params), {**params, "seed": seed}
+    progress = {k: call[k] for k in ("verbose", "verbose_every") if k in call}
+    return run_search(sampler, seed, **params, **progress), {**params, "seed": seed}
 
 
 def run_search(sampler: Sampler, seed: int | None, *, threshold: float, delta: float, tau: float,
                batch_size: int, coverage_samples: int, beam_size: int, stop_on_first: bool,
                max_anchor_size: int | None, min_samples_start: int, n_covered_ex: int,
                binary_cache_size: int, cache_margin: int, rng: np.random.Generator | None = None,
-               lucb_arms: int | str | None = "auto") -> dict:
+               lucb_arms: int | str | None = "auto", verbose: bool = False, verbose_every: int = 1) -> dict:
     """Validate the knobs, make the local generator, run the beam search; return alibi's raw result dict.
 
     ``lucb_arms``: arms sampled per KL-LUCB round: ``2`` (the paper's rule), an integer > 2, ``None``
@@ -528,7 +584,7 @@ def run_search(sampler: Sampler, seed: int | None, *, threshold: float, delta: f
     rng = rng if rng is not None else np.random.default_rng(seed)
     search = AnchorSearch(sampler, rng, batch_size=int(batch_size), n_covered_ex=n_covered_ex,
                           binary_cache_size=int(binary_cache_size), cache_margin=int(cache_margin),
-                          lucb_arms=lucb_arms)
+                          lucb_arms=lucb_arms, verbose=verbose, verbose_every=verbose_every)
     return search.anchor_beam(delta=delta, epsilon=tau, desired_confidence=threshold, beam_size=int(beam_size),
                               min_samples_start=int(min_samples_start), max_anchor_size=max_anchor_size,
                               stop_on_first=bool(stop_on_first), batch_size=int(batch_size),

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .base import Explanation, Predictor, explainer_meta, search_with_call_knobs, summary_precision_coverage
+from .base import Explanation, explainer_meta, resolve_predictor, search_with_call_knobs, summary_precision_coverage
 
 DEFAULT_SEGMENTATION_KWARGS: dict[str, dict] = {
     "felzenszwalb": {},
@@ -119,19 +119,21 @@ class AnchorImage:
     seed
         Default seed of ``explain``.
     predictor_type
-        ``'class'`` (labels ``(n,)``) or ``'proba'`` (scores ``(n, n_classes)``): declared, not probed.
+        ``'class'`` (labels ``(n,)``) or ``'proba'`` (scores ``(n, n_classes)``); ``None`` (default):
+        inferred as alibi does, from one call on a zero image (reported in ``meta['params']``).
     """
 
     def __init__(self, predictor: Callable[[np.ndarray], np.ndarray], image_shape: tuple, dtype: Any = np.float32,
                  segmentation_fn: Any = "slic", segmentation_kwargs: dict | None = None,
                  images_background: np.ndarray | None = None, seed: int | None = None,
-                 predictor_type: str = "class") -> None:
+                 predictor_type: str | None = None) -> None:
         self.image_shape = tuple(int(s) for s in image_shape)
         if len(self.image_shape) not in (2, 3) or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (H, W) or (H, W, C), got {image_shape}")
         self.dtype = dtype
-        self.predictor_type = predictor_type
-        self.predictor = Predictor(predictor, predictor_type)
+        self.predictor, kind = resolve_predictor(predictor, predictor_type,
+                                                 lambda: np.zeros((1,) + self.image_shape, dtype=dtype))
+        self.predictor_type = kind["predictor_type"]
         if callable(segmentation_fn):
             self.custom_segmentation = True
             self.segmentation_fn = segmentation_fn
@@ -158,8 +160,15 @@ class AnchorImage:
         self.p_sample = 0.5
         self.meta = explainer_meta("AnchorImage", {
             "custom_segmentation": self.custom_segmentation, "segmentation_fn": seg_name,
-            "segmentation_kwargs": segmentation_kwargs, "seed": seed, "image_shape": self.image_shape,
-            "predictor_type": predictor_type})
+            "segmentation_kwargs": segmentation_kwargs, "seed": seed, "image_shape": self.image_shape, **kind})
+
+    @property
+    def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+        """Class labels of a batch of images (one image of ``image_shape`` is a batch of one), as alibi's."""
+        def predict(X: np.ndarray) -> np.ndarray:
+            X = np.asarray(X)
+            return self.predictor(X[None] if tuple(X.shape) == self.image_shape else X)
+        return predict
 
     def generate_superpixels(self, image: np.ndarray) -> np.ndarray:
         """Segment ``image``; labels renumbered to ``0..K-1`` (see the module note on slic's start_label)."""

@@ -17,6 +17,18 @@ import numpy as np
 _BPE_MODEL_TYPES = frozenset(["roberta", "xlm-roberta", "camembert", "bart", "longformer", "gpt2", "deberta"])
 
 
+def _load_local(name_or_path: str, cache_dir: str | Path | None = None) -> tuple[Any, Any]:
+    """Masked LM and tokenizer from a directory or the local Hugging Face cache; never downloads."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    kw: dict[str, Any] = {"local_files_only": True}
+    if cache_dir is not None:
+        kw["cache_dir"] = str(cache_dir)
+    model = AutoModelForMaskedLM.from_pretrained(name_or_path, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
+    return model, tokenizer
+
+
 class LanguageModel:
     """A masked language model and its tokenizer loaded from a local Hugging Face directory (PyTorch).
 
@@ -26,19 +38,21 @@ class LanguageModel:
     """
 
     def __init__(self, model_path: str | Path | Any, tokenizer: Any = None, subword_prefix: str | None = None) -> None:
-        import torch
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
-
         if isinstance(model_path, (str, Path)):
             path = Path(model_path)
             if not path.is_dir():
                 raise ValueError(f"language_model must be a local directory with a saved model, got {str(path)!r}")
-            self.model = AutoModelForMaskedLM.from_pretrained(str(path), local_files_only=True)
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            model, tokenizer = _load_local(str(path))
         else:
             if tokenizer is None:
                 raise ValueError("pass the tokenizer with an in-memory model")
-            self.model, self.tokenizer = model_path, tokenizer
+            model = model_path
+        self._setup(model, tokenizer, subword_prefix)
+
+    def _setup(self, model: Any, tokenizer: Any, subword_prefix: str | None) -> None:
+        import torch
+
+        self.model, self.tokenizer = model, tokenizer
         self.model.eval()
         self.torch = torch
         mtype = getattr(self.model.config, "model_type", "")
@@ -100,4 +114,74 @@ def sample_top(logits: np.ndarray, banned: np.ndarray, top_n: int, temperature: 
 
 
 
-__all__ = ["LanguageModel", "sample_top"]
+class _NamedLanguageModel(LanguageModel):
+    """A named Hugging Face masked LM (alibi's ``DistilbertBaseUncased`` etc.), from local files only.
+
+    ``Name()`` loads the model from the local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``, or
+    ``cache_dir``); ``Name(path=dir)`` or ``Name(preloading=False).from_disk(dir)`` (alibi's
+    spelling) loads a directory saved with ``save_pretrained``. Nothing is downloaded: when the
+    model is absent the error says how to provide it.
+    """
+
+    HF_NAME: str = ""
+    SUBWORD_MARK: str = "##"
+
+    def __init__(self, preloading: bool = True, path: str | Path | None = None,
+                 cache_dir: str | Path | None = None) -> None:
+        self.model_path = self.HF_NAME if path is None else str(path)
+        self.cache_dir = cache_dir
+        if preloading:
+            if path is not None:
+                self.from_disk(path)
+            else:
+                self._load(self.HF_NAME, cache_dir)
+
+    def _load(self, name_or_path: str, cache_dir: str | Path | None = None) -> None:
+        try:
+            model, tokenizer = _load_local(name_or_path, cache_dir)
+        except OSError as e:
+            raise FileNotFoundError(
+                f"{type(self).__name__}: {name_or_path!r} is not available locally and nothing is downloaded "
+                f"at run time. Provide it either as a directory (on a machine with network: "
+                f"AutoModelForMaskedLM.from_pretrained({self.HF_NAME!r}).save_pretrained(dir) and the same "
+                f"for AutoTokenizer; then {type(self).__name__}(path=dir)), or in the Hugging Face cache "
+                f"(`huggingface-cli download {self.HF_NAME}` there, then copy the cache and point HF_HOME "
+                f"or cache_dir= at it). ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
+        self._setup(model, tokenizer, self.SUBWORD_MARK)
+
+    def from_disk(self, path: str | Path) -> "_NamedLanguageModel":
+        """Load the model and tokenizer saved in directory ``path`` (alibi's ``from_disk``)."""
+        p = Path(path)
+        if not p.is_dir():
+            raise FileNotFoundError(f"{type(self).__name__}: {str(p)!r} is not a directory with a saved model")
+        self.model_path = str(p)
+        self._load(str(p))
+        return self
+
+    @property
+    def mask(self) -> str:
+        """The mask token as it appears among the tokens (RoBERTa: with its word-start mark)."""
+        return (self.SUBWORD_MARK + self.mask_token) if self.bpe else self.mask_token
+
+
+class DistilbertBaseUncased(_NamedLanguageModel):
+    """``distilbert-base-uncased`` (WordPiece, ``##`` marks a word piece), from local files only."""
+
+    HF_NAME = "distilbert-base-uncased"
+
+
+class BertBaseUncased(_NamedLanguageModel):
+    """``bert-base-uncased`` (WordPiece, ``##`` marks a word piece), from local files only."""
+
+    HF_NAME = "bert-base-uncased"
+
+
+class RobertaBase(_NamedLanguageModel):
+    """``roberta-base`` (byte-level BPE, ``Ġ`` marks a word start), from local files only."""
+
+    HF_NAME = "roberta-base"
+    SUBWORD_MARK = "Ġ"
+
+
+__all__ = ["LanguageModel", "DistilbertBaseUncased", "BertBaseUncased", "RobertaBase", "sample_top"]

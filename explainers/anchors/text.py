@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .base import Explanation, Predictor, explainer_meta, search_with_call_knobs, summary_precision_coverage
+from .base import Explanation, explainer_meta, resolve_predictor, search_with_call_knobs, summary_precision_coverage
 from .language_model import LanguageModel
 from .text_samplers import LanguageModelSampler, Neighbors, SimilaritySampler, UnknownSampler, load_nlp
 
@@ -63,7 +63,8 @@ class AnchorText:
     seed
         Default seed of ``explain`` (alibi's default 0).
     predictor_type
-        ``'class'`` (labels) or ``'proba'`` (scores): declared, not probed.
+        ``'class'`` (labels) or ``'proba'`` (scores); ``None`` (default): inferred as alibi does,
+        from one call on ``['Hello world']`` (reported in ``meta['params']``).
     **kwargs
         Sampling options with alibi's defaults (``sample_proba``, ``top_n``, ``temperature``,
         ``use_proba``, ``filling``, ``frac_mask_templates``, ``batch_size_lm``, ``punctuation``,
@@ -79,12 +80,12 @@ class AnchorText:
 
     def __init__(self, predictor: Callable[[list[str]], np.ndarray], sampling_strategy: str = "unknown",
                  nlp: Any = None, language_model: Any = None, seed: int | None = 0,
-                 predictor_type: str = "class", **kwargs: Any) -> None:
+                 predictor_type: str | None = None, **kwargs: Any) -> None:
         if sampling_strategy not in SAMPLING_STRATEGIES:
             raise ValueError(f"sampling_strategy must be one of {SAMPLING_STRATEGIES}, got {sampling_strategy!r}")
         self.sampling_strategy = sampling_strategy
-        self.predictor_type = predictor_type
-        self.predictor = Predictor(predictor, predictor_type)
+        self.predictor, kind = resolve_predictor(predictor, predictor_type, lambda: ["Hello world"])
+        self.predictor_type = kind["predictor_type"]
         opts = copy.deepcopy(self.DEFAULTS[sampling_strategy])
         bad = set(kwargs) - set(opts)
         if bad:
@@ -106,7 +107,14 @@ class AnchorText:
                     raise ValueError("sampling_strategy='similarity' needs a spaCy pipeline with word vectors")
                 self._neighbors = Neighbors(self.nlp)
         self.meta = explainer_meta("AnchorText", {"sampling_strategy": sampling_strategy, "seed": seed,
-                                                  "predictor_type": predictor_type, **opts})
+                                                  **kind, **opts})
+
+    @property
+    def predict_fn(self) -> Callable[[Any], np.ndarray]:
+        """Class labels of a list of texts (one str is a batch of one), as alibi's."""
+        def predict(texts: Any) -> np.ndarray:
+            return self.predictor([texts] if isinstance(texts, str) else list(texts))
+        return predict
 
     @staticmethod
     def _validate_opts(o: dict) -> None:
