@@ -493,7 +493,8 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
     @_rpc
     def ExplainAnchors(self, request, context):
         try:
-            from explainers.anchors.serve import explain_anchors
+            from explainers.anchors.serve import explain_anchors, model_predict_fn
+            from indexer.config import load_entry
         except ImportError as exc:
             raise RpcError(SC.UNIMPLEMENTED, f"anchors are not installed on this server ({exc})") from None
         served = self._served_for_model(request.model)
@@ -532,22 +533,26 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
                 raise RpcError(SC.INVALID_ARGUMENT, f"image has shape {list(x.shape)}; model {request.model!r} "
                                f"takes channel-last images of shape {list(hwc)}")
         engine = served.index.embedder().engines[-1]
-        # Anchors hands images over channel-last (n, H, W, C); a PyTorch model wants (n, C, H, W).
-        to_model = (lambda X: np.moveaxis(np.asarray(X), -1, 1)) if (
-            which == "image" and served.info.get("framework") == "pytorch" and len(shape) == 3) else np.asarray
 
-        def predict_fn(X):
-            Xm = to_model(X).astype(np.float32, copy=False)
+        def predict_scores(X):
             with served.engine_lock:
-                return np.asarray(engine.predict(Xm)).argmax(-1)
+                return engine.predict(X)
 
+        # the model's own text preprocessing (its build config's data.preprocess), channel order for images
+        pre = served.index.config.data.get("preprocess")
+        predict_fn = model_predict_fn(predict_scores, kind, input_shape=shape, framework=served.info.get("framework"),
+                                      preprocess=load_entry(pre, "data.preprocess") if pre else None,
+                                      model=request.model)
         out = explain_anchors(predict_fn, kind, params)
         resp = pb.ExplainAnchorsResponse(anchor=[str(a) for a in out.get("anchor", [])],
                                          precision=float(out.get("precision", 0.0)),
                                          coverage=float(out.get("coverage", 0.0)))
         resp.raw.CopyFrom(_struct(out.get("raw") or {}))
+        resp.meta.CopyFrom(_struct(out.get("meta") or {}))
         if out.get("segments") is not None:
             resp.segments.CopyFrom(to_tensor(np.asarray(out["segments"]).astype(np.int64)))
+        if out.get("masked_image") is not None:
+            resp.anchor_image.CopyFrom(to_tensor(np.asarray(out["masked_image"]).astype(np.int64)))
         return resp
 
     @_rpc
