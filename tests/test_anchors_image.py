@@ -90,7 +90,8 @@ def test_slic_start_label_every_superpixel_perturbed() -> None:
     from explainers.anchors.image import ImageSampler
 
     sampler = ImageSampler(IMG, segs, 1, ex.predictor, 0.5, None)
-    raw, keep = sampler.perturb((), 400, np.random.default_rng(0))
+    batch, keep = sampler.perturb((), 400, np.random.default_rng(0))
+    raw = sampler.images(batch)
     assert keep.shape == (400, k) and np.all((~keep).any(axis=0)), "every superpixel must be perturbed sometimes"
     # the perturbed pixels equal their superpixel mean, the others the image
     for i in range(5):
@@ -160,3 +161,44 @@ def test_lucb_arms_auto_is_the_paper_rule_for_images() -> None:
     assert rows["auto"] == rows[2] <= rows[None]
     with pytest.raises(ValueError, match="lucb_arms"):
         ex.explain(IMG, lucb_arms="all")
+
+
+class ImageLog:
+    """``keyed`` that records every image it is given (as bytes), to check none is labelled twice."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        self.seen.extend(np.ascontiguousarray(x).tobytes() for x in X)
+        return keyed(X)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_label_cache_same_explanation_and_no_image_labelled_twice(background: bool) -> None:
+    """The label cache changes nothing but the predictor's work: same anchor, trace and examples as
+    labelling every draw; no masked image is sent to the predictor twice; fewer rows labelled."""
+    # blank areas: superpixels the replacement leaves unchanged (black on a black background, or
+    # uniform cells whose mean is themselves) make different masks the same image
+    img = IMG.copy()
+    img[14:, :, 0] = 0.0
+    bg = np.stack([np.zeros_like(img), np.full_like(img, 0.5)]) if background else None
+    exps, logs = {}, {}
+    for cache in (False, True):
+        logs[cache] = ImageLog()
+        ex = AnchorImage(logs[cache], img.shape, segmentation_fn=grid, images_background=bg, predictor_type="class")
+        exps[cache] = ex.explain(img, seed=3, cache_labels=cache, **FAST)
+    a, b = exps[False], exps[True]
+    assert sorted(b.raw["feature"]) == [1, 5]
+    assert a.raw["feature"] == b.raw["feature"] and a.precision == b.precision and a.coverage == b.coverage
+    assert a.raw["precision"] == b.raw["precision"] and a.raw["num_preds"] == b.raw["num_preds"]
+    for ea, eb in zip(a.raw["examples"], b.raw["examples"]):
+        for k in ("covered_true", "covered_false"):
+            np.testing.assert_array_equal(np.asarray(ea[k]), np.asarray(eb[k]))
+    seen = logs[True].seen[1:]  # [0] is the instance itself, labelled before the search
+    assert len(seen) == len(set(seen)), "a masked image was labelled twice"
+    assert b.raw["labelled"] == len(seen) < a.raw["labelled"] == len(logs[False].seen) - 1
+    # without a background the 8 cells of the lower half are uniform black, their own mean: only the 8
+    # upper cells change the image, so at most 2**8 distinct images
+    if not background:
+        assert b.raw["labelled"] <= 2 ** 8 < a.raw["labelled"] / 4
