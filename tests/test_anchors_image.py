@@ -202,3 +202,46 @@ def test_label_cache_same_explanation_and_no_image_labelled_twice(background: bo
     # upper cells change the image, so at most 2**8 distinct images
     if not background:
         assert b.raw["labelled"] <= 2 ** 8 < a.raw["labelled"] / 4
+
+
+def test_shared_draws_give_every_arm_samples_from_its_own_distribution() -> None:
+    """Every sample counted for an anchor must be a draw from that anchor's distribution: its
+    superpixels kept, every other superpixel kept independently with probability 1 - p_sample.
+    Counting a sibling's draws (whose own superpixel is forced) would push that superpixel's keep
+    rate towards 1, which this checks for every candidate of the search and every superpixel."""
+    from explainers.anchors.base import AnchorSearch, Predictor
+    from explainers.anchors.image import ImageSampler
+
+    segs = grid(IMG) - 1
+    for p_sample in (0.5, 0.3):
+        sampler = ImageSampler(IMG, segs, 1, Predictor(keyed), p_sample, None)
+        search = AnchorSearch(sampler, np.random.default_rng(0), lucb_arms=2)
+        assert search.shared
+        res = search.anchor_beam(coverage_samples=1000)
+        assert sorted(res["feature"]) == [1, 5]
+        checked = 0
+        for anchor in list(search.t_nsamples):
+            rows = search._idx(anchor)
+            if len(rows) < 100:
+                continue
+            kept = search.data[rows]
+            assert kept[:, list(anchor)].all()
+            free = [f for f in range(16) if f not in anchor]
+            rates = kept[:, free].mean(axis=0)
+            tol = 4 * np.sqrt(p_sample * (1 - p_sample) / len(rows))
+            assert np.all(np.abs(rates - (1 - p_sample)) < tol), (anchor, len(rows), rates.round(3))
+            checked += 1
+        assert checked >= 5
+    # shared draws are refused when free superpixels are rarely kept (a parent's draws would rarely reach a child)
+    assert not AnchorSearch(ImageSampler(IMG, segs, 1, Predictor(keyed), 0.8, None), np.random.default_rng(0)).shared
+
+
+def test_shared_draws_same_anchor_fewer_rows() -> None:
+    rows = {}
+    for share in (False, True):
+        ex = AnchorImage(keyed, IMG.shape, segmentation_fn=grid, predictor_type="class")
+        exp = ex.explain(IMG, seed=2, share_draws=share, **FAST)
+        assert sorted(exp.raw["feature"]) == [1, 5] and exp.precision >= 0.95
+        assert fresh_precision(exp.segments, exp.raw["feature"]) >= 0.95 - 0.05
+        rows[share] = exp.raw["labelled"]
+    assert rows[True] < rows[False]

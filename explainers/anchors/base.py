@@ -243,6 +243,11 @@ class AnchorSearch:
         # alibi's progress printout (stdout, its format): KL-LUCB rounds and each beam's candidates
         self.verbose = bool(verbose)
         self.verbose_every = max(1, int(verbose_every))
+        # shared draws: only for samplers that perturb features independently and keep each free
+        # feature often enough for a parent's draws to reach its children (see _draw_shared)
+        rate = getattr(sampler, "share_rate", None)
+        self.shared = bool(getattr(sampler, "shared_draws", False)) and rate is not None and rate >= 0.25
+        self.tracked: list[tuple] = []  # the anchors every draw is counted for when it is a valid sample of them
         self.n_features = int(sampler.n_features)
         # the binary cache: alibi pre-allocates binary_cache_size batches; np.zeros is lazily
         # committed memory, so untouched rows cost nothing.
@@ -277,10 +282,17 @@ class AnchorSearch:
             self.labels = np.concatenate([self.labels, np.zeros(extra, dtype=bool)])
 
     def draw_samples(self, anchors: list[tuple], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample ``batch_size`` perturbations for each anchor, label all in one predictor call."""
+        """Sample ``batch_size`` perturbations for each anchor, label all in one predictor call.
+
+        Returns the positives and samples each anchor gained. With shared draws (see
+        :meth:`_draw_shared`) an anchor can gain more than ``batch_size``, and tracked anchors that
+        were not asked for can gain samples too: callers re-read the statistics.
+        """
         for a in anchors:
             if a not in self.t_order:
                 self.t_order[a] = list(a)
+        if self.shared and len(anchors) >= 2:
+            return self._draw_shared(anchors, batch_size)
         raws, datas = [], []
         for a in anchors:
             raw, data = self.sampler.perturb(tuple(self.t_order[a]), batch_size, self.rng)
@@ -294,18 +306,90 @@ class AnchorSearch:
             n = data.shape[0]
             lab = labels[off:off + n]
             off += n
-            self._ensure_capacity(n)
-            rows = np.arange(self.current, self.current + n)
-            self.data[rows] = data
-            self.labels[rows] = lab
-            self.current += n
-            self.t_idx.setdefault(a, []).append(rows)
-            self.t_nsamples[a] = self.t_nsamples.get(a, 0.0) + n
-            self.t_positives[a] = self.t_positives.get(a, 0.0) + float(lab.sum())
-            self.t_covered_true[a] = self.sampler.examples(raw[np.nonzero(lab)[0][:self.n_covered_ex]])
-            self.t_covered_false[a] = self.sampler.examples(raw[np.nonzero(~lab)[0][:self.n_covered_ex]])
-            pos[i], tot[i] = lab.sum(), n
+            rows = self._store(data, lab)
+            pos[i], tot[i] = self._credit(a, rows, lab, raw, np.ones(n, dtype=bool))
+            if self.shared:  # a draw conditioned on a is also a draw for every tracked superset it keeps
+                for b in self.tracked:
+                    if b != a and set(a) < set(b):
+                        self._credit(b, rows, lab, raw, data[:, list(b)].all(axis=1))
         return pos, tot
+
+    def _store(self, data: np.ndarray, lab: np.ndarray) -> np.ndarray:
+        """Append labelled samples to the binary cache; their row indices."""
+        n = data.shape[0]
+        self._ensure_capacity(n)
+        rows = np.arange(self.current, self.current + n)
+        self.data[rows] = data
+        self.labels[rows] = lab
+        self.current += n
+        return rows
+
+    def _credit(self, a: tuple, rows: np.ndarray, lab: np.ndarray, raw: Any, sel: np.ndarray) -> tuple[float, float]:
+        """Count the selected samples for anchor ``a`` (statistics and examples)."""
+        idx = np.nonzero(sel)[0]
+        if not len(idx):
+            return 0.0, 0.0
+        la = lab[idx]
+        self.t_idx.setdefault(a, []).append(rows[idx])
+        self.t_nsamples[a] = self.t_nsamples.get(a, 0.0) + len(idx)
+        self.t_positives[a] = self.t_positives.get(a, 0.0) + float(la.sum())
+        self.t_covered_true[a] = self.sampler.examples(raw[idx[np.nonzero(la)[0][:self.n_covered_ex]]])
+        self.t_covered_false[a] = self.sampler.examples(raw[idx[np.nonzero(~la)[0][:self.n_covered_ex]]])
+        return float(la.sum()), float(len(idx))
+
+    def _draw_shared(self, anchors: list[tuple], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draw for several anchors at once from their common parents' distributions.
+
+        For a sampler whose features are perturbed independently (``sampler.share_rate``: the
+        probability that a feature outside the conditioning anchor is kept), a draw conditioned on
+        anchor Q in which the features of A are kept is distributed exactly as a draw conditioned on
+        A, for every A containing Q. So instead of drawing ``batch_size`` samples for each anchor
+        P + (f,) from its own distribution, draw from the parent P's distribution until each
+        requested anchor has gained ``batch_size`` samples, label every draw once, and count every
+        draw for every requested or tracked anchor between P and the draw's kept features. Each
+        anchor's samples stay i.i.d. from its own distribution (which anchors get them depends only
+        on the draw's features, never on its label), so KL-LUCB's per-arm bounds hold; the two
+        critical arms of a round cost what they cost before, and every other candidate sharing the
+        parent gains about as many samples for free. Anchors still short after a few rounds are
+        topped up by direct draws.
+        """
+        gained = {a: [0.0, 0.0] for a in anchors}
+        groups: dict[tuple, list[tuple]] = {}
+        for a in anchors:
+            order = self.t_order[a]
+            groups.setdefault(tuple(order[:-1]) if order else (), []).append(a)
+        targets = list(dict.fromkeys(list(anchors) + list(self.tracked)))
+        rate = float(self.sampler.share_rate)
+        for parent, group in groups.items():
+            pset = set(parent)
+            mine = [b for b in targets if pset <= set(b)]
+            cols = {b: list(b) for b in mine}
+            for _ in range(4):
+                need = max(batch_size - gained[a][1] for a in group)
+                if need <= 0:
+                    break
+                n = int(np.ceil(need / rate * 1.1)) + 8
+                raw, data = self.sampler.perturb(parent, n, self.rng)
+                data = np.asarray(data, dtype=bool)
+                lab = self.sampler.labels(raw)
+                rows = self._store(data, lab)
+                for b in mine:
+                    p_, t_ = self._credit(b, rows, lab, raw, data[:, cols[b]].all(axis=1) if cols[b] else
+                                          np.ones(len(lab), dtype=bool))
+                    if b in gained:
+                        gained[b][0] += p_
+                        gained[b][1] += t_
+        short = [a for a in anchors if gained[a][1] < batch_size]
+        for a in short:  # rare: top up from the anchor's own distribution
+            n = int(batch_size - gained[a][1])
+            raw, data = self.sampler.perturb(tuple(self.t_order[a]), n, self.rng)
+            data = np.asarray(data, dtype=bool)
+            lab = self.sampler.labels(raw)
+            rows = self._store(data, lab)
+            p_, t_ = self._credit(a, rows, lab, raw, np.ones(n, dtype=bool))
+            gained[a][0] += p_
+            gained[a][1] += t_
+        return np.array([gained[a][0] for a in anchors]), np.array([gained[a][1] for a in anchors])
 
     def propose_anchors(self, previous_best: list[tuple]) -> list[tuple]:
         """Extend each anchor of the previous beam by one feature; initialise their statistics from the cache."""
@@ -360,8 +444,11 @@ class AnchorSearch:
         zero = np.nonzero(n_samples == 0)[0]
         if len(zero):
             pos, tot = self.draw_samples([anchors[i] for i in zero], 1)
-            positives[zero] += pos
-            n_samples[zero] += tot
+            if self.shared:
+                n_samples, positives, _ = self._stats(anchors)
+            else:
+                positives[zero] += pos
+                n_samples[zero] += tot
         n_arms = len(anchors)
         if n_arms == top_n:
             return np.arange(n_arms)
@@ -397,8 +484,11 @@ class AnchorSearch:
                 extra = [int(i) for i in nj if i != ut and ub[i] - lb[lt] > epsilon][:self.lucb_arms - 2]
                 idx += extra
             pos, tot = self.draw_samples([anchors[i] for i in idx], batch_size)
-            positives[idx] += pos
-            n_samples[idx] += tot
+            if self.shared:  # other arms may have gained samples too
+                n_samples, positives, _ = self._stats(anchors)
+            else:
+                positives[idx] += pos
+                n_samples[idx] += tot
             means = positives / n_samples
             t += 1
             ut, lt = critical(t)
@@ -435,6 +525,7 @@ class AnchorSearch:
             anchors = [a for a in anchors if self.t_coverage[a] > best_coverage]
             if not anchors:
                 break
+            self.tracked = anchors
             cand = self.kllucb(anchors, epsilon, delta, batch_size, min(beam_size, len(anchors)))
             best_of_size[current_size] = [anchors[i] for i in cand]
             beam = best_of_size[current_size]
@@ -456,8 +547,12 @@ class AnchorSearch:
             while cont.any():
                 sel = np.nonzero(cont)[0]
                 pos_, tot_ = self.draw_samples([beam[i] for i in sel], batch_size)
-                positives[sel] += pos_
-                n_samples[sel] += tot_
+                if self.shared:
+                    n_samples, positives, _ = self._stats(beam)
+                    sel = np.arange(len(beam))
+                else:
+                    positives[sel] += pos_
+                    n_samples[sel] += tot_
                 means[sel] = positives[sel] / n_samples[sel]
                 lbs[sel] = dlow_bernoulli(means[sel], beta / n_samples[sel])
                 ubs[sel] = dup_bernoulli(means[sel], beta / n_samples[sel])
@@ -486,6 +581,7 @@ class AnchorSearch:
             for i in range(0, current_size):
                 pool.extend(best_of_size.get(i, []))
             if pool:
+                self.tracked = pool
                 best_anchor = pool[int(self.kllucb(pool, epsilon, delta, batch_size, 1)[0])]
         return self.metadata(best_anchor, success, batch_size)
 

@@ -85,7 +85,8 @@ class ImageSampler:
     lucb_arms_auto = 2
 
     def __init__(self, image: np.ndarray, segments: np.ndarray, label: Any, predictor: Callable, p_sample: float,
-                 images_background: np.ndarray | None, cache_labels: bool = True) -> None:
+                 images_background: np.ndarray | None, cache_labels: bool = True,
+                 share_draws: bool = True) -> None:
         self.image = image
         self.segments = segments
         self.label = label
@@ -107,6 +108,11 @@ class ImageSampler:
         # the segment mask of every pixel, reused for every image built (channels broadcast)
         self._pix_seg = segments.reshape(segments.shape + (1,) * (image.ndim - segments.ndim))
         self.cache_labels = bool(cache_labels)
+        # superpixels are kept independently with probability 1 - p_sample: a draw conditioned on
+        # anchor Q is a valid draw for every anchor between Q and its kept superpixels (the search
+        # counts it for all of them; explainers.anchors.base.AnchorSearch._draw_shared)
+        self.shared_draws = bool(share_draws)
+        self.share_rate = 1.0 - float(p_sample)
         self._cache: dict[bytes, bool] = {}
         self.drawn = 0     # rows the search asked to label
         self.labelled = 0  # rows sent to the predictor
@@ -259,14 +265,18 @@ class AnchorImage:
                 n_covered_ex: int = 10, binary_cache_size: int = 10000, cache_margin: int = 1000,
                 verbose: bool = False, verbose_every: int = 1, seed: int | None = None,
                 lucb_arms: int | str | None = "auto",
-                segments: np.ndarray | None = None, cache_labels: bool = True, **kwargs: Any) -> Explanation:
+                segments: np.ndarray | None = None, cache_labels: bool = True, share_draws: bool = True,
+                **kwargs: Any) -> Explanation:
         """Explain the prediction on one image (``image_shape``).
 
         ``p_sample``: probability that a superpixel outside the anchor is perturbed (also used for
         the coverage samples). ``segments``: optional precomputed superpixel labels (H, W).
         ``cache_labels``: label each distinct masked image once per explanation (default; the same
         anchor as without, fewer predictor rows); ``False`` labels every draw, as alibi does.
-        ``raw['num_preds']`` counts draws either way; ``raw['labelled']`` the rows the predictor saw.
+        ``share_draws``: count every labelled draw for every candidate anchor it is a valid sample of
+        and draw the candidates of a KL-LUCB round from their common parent (default, when
+        ``1 - p_sample >= 0.25``); ``False`` samples each candidate from its own distribution only,
+        as alibi does. ``raw['num_preds']`` counts draws; ``raw['labelled']`` the rows the predictor saw.
         """
         image = np.asarray(image)
         if tuple(image.shape) != self.image_shape:
@@ -285,7 +295,7 @@ class AnchorImage:
         image = image.astype(self.dtype, copy=False)
         label = self.predictor(image[None])[0]
         sampler = ImageSampler(image, segs, label, self.predictor, float(p_sample), self.images_background,
-                               cache_labels=cache_labels)
+                               cache_labels=cache_labels, share_draws=share_draws)
         result, params = search_with_call_knobs(sampler, self.seed, locals())
         raw = dict(result)
         raw["labelled"] = int(sampler.labelled)
@@ -297,7 +307,8 @@ class AnchorImage:
         data = dict(anchor=self.overlay_mask(image, segs, result["feature"]), segments=segs,
                     precision=precision, coverage=coverage, raw=raw)
         meta = copy.deepcopy(self.meta)
-        meta["params"].update(params, p_sample=p_sample, cache_labels=bool(cache_labels))
+        meta["params"].update(params, p_sample=p_sample, cache_labels=bool(cache_labels),
+                              share_draws=bool(share_draws))
         return Explanation(meta=meta, data=data)
 
     @staticmethod
