@@ -281,7 +281,7 @@ class AnchorSearch:
             self.data = np.concatenate([self.data, np.zeros((extra, self.n_features), dtype=bool)])
             self.labels = np.concatenate([self.labels, np.zeros(extra, dtype=bool)])
 
-    def draw_samples(self, anchors: list[tuple], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def draw_samples(self, anchors: list[tuple], batch_size: int, share: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Sample ``batch_size`` perturbations for each anchor, label all in one predictor call.
 
         Returns the positives and samples each anchor gained. With shared draws (see
@@ -291,7 +291,7 @@ class AnchorSearch:
         for a in anchors:
             if a not in self.t_order:
                 self.t_order[a] = list(a)
-        if self.shared and len(anchors) >= 2:
+        if self.shared and share and len(anchors) >= 2:
             return self._draw_shared(anchors, batch_size)
         raws, datas = [], []
         for a in anchors:
@@ -601,8 +601,8 @@ class AnchorSearch:
         missing = [p for p in partials if p not in self.t_covered_true]
         for p in missing:  # partial anchors never sampled directly: sample once to get examples
             self.t_order[p] = list(p)
-        if missing:
-            self.draw_samples(missing, batch_size)
+        if missing:  # for examples only: each partial's own draws (shared draws would cost more here)
+            self.draw_samples(missing, batch_size, share=False)
         cov = self.coverage_data
         for f, p in zip(order, partials):
             mean = means[p] if had[p] else self.t_positives[p] / self.t_nsamples[p]
