@@ -23,22 +23,32 @@ defaults, and with three deliberate differences:
   per call, and sampling every blocking arm labelled 2.5x more sentences: extra arms cost more than
   the rounds they save; measured in ``benchmarks/bench_anchors.py``). It is a fixed rule per modality, not a
   timing measurement, so the same seed still gives the same anchor.
+* **Shared draws** (samplers that perturb features independently and say so, ``shared_draws``:
+  images). A draw conditioned on anchor Q whose kept features include anchor A is a draw from A's
+  distribution for any A containing Q, so every labelled draw is counted for every tracked
+  candidate it is a valid sample of, and the critical arms of a KL-LUCB round are drawn from their
+  common parent (:meth:`AnchorSearch._draw_shared`). Each arm's samples stay i.i.d. from its own
+  distribution; the other candidates gain samples for free.
 * **Ties are broken by coverage.** When two arms have exactly the same empirical precision, the one
   with the larger coverage ranks higher, which is what the paper's objective (maximise coverage under
   the precision constraint) asks for; alibi breaks such ties by candidate order.
 
-A *sampler* supplies the data modality: :class:`Sampler` below is the protocol.
+A *sampler* supplies the data modality: :class:`Sampler` below is the protocol. The predictor
+wrapper lives in :mod:`.predictor`, the KL bounds in :mod:`.bounds` (both re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from explainers.explanation import Explanation  # noqa: F401  (re-exported: one class for every explainer)
+
+# re-exported: the explainers and tests import these from here
+from .bounds import compute_beta, dlow_bernoulli, dup_bernoulli, kl_bernoulli  # noqa: F401
+from .predictor import PREDICTOR_TYPES, Predictor, infer_predictor_type, resolve_predictor  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -58,89 +68,6 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(
     cache_margin=1000,
     lucb_arms="auto",
 )
-
-PREDICTOR_TYPES = ("class", "proba")
-
-
-# --------------------------------------------------------------------------------------------------
-# Predictor wrapper
-# --------------------------------------------------------------------------------------------------
-def infer_predictor_type(fn: Callable[[Any], Any], probe: Any) -> str:
-    """``'class'`` or ``'proba'`` from the predictor's output on ``probe`` (one zero input), as alibi infers it.
-
-    alibi calls the predictor once on a zero input at construction and keeps it as is when the
-    output's longest axis is the batch axis (``np.argmax(shape) == 0``: labels ``(1,)`` or
-    ``(1, 1)``), else wraps it in an argmax (scores ``(1, n_classes)``). The same rule here, with a
-    clear error when the probe call fails or returns something that is neither.
-    """
-    try:
-        out = np.asarray(fn(probe))
-    except Exception as e:  # the user's predictor: any failure means we cannot infer
-        raise ValueError(
-            f"could not infer predictor_type: calling the predictor on a zero input raised "
-            f"{type(e).__name__}: {e}. Pass predictor_type='class' (it returns labels) or 'proba' "
-            f"(it returns class scores)") from e
-    if out.ndim == 0 or out.ndim > 2 or out.shape[0] != 1:
-        raise ValueError(
-            f"could not infer predictor_type: on one zero input the predictor returned shape {out.shape}, "
-            f"expected (1,) labels or (1, n_classes) scores. Pass predictor_type='class' or 'proba'")
-    return "class" if int(np.argmax(out.shape)) == 0 else "proba"
-
-
-def resolve_predictor(fn: Callable[[Any], Any], predictor_type: str | None, probe: Callable[[], Any]
-                      ) -> tuple["Predictor", dict]:
-    """The label-returning :class:`Predictor` and the ``meta['params']`` entries saying how its kind was set.
-
-    ``predictor_type=None`` infers the kind as alibi does (:func:`infer_predictor_type` on
-    ``probe()``); a declared kind always wins and nothing is probed.
-    """
-    if not callable(fn):
-        raise TypeError(f"predictor must be callable, got {type(fn).__name__}")
-    inferred = predictor_type is None
-    if inferred:
-        predictor_type = infer_predictor_type(fn, probe())
-    return Predictor(fn, predictor_type), {"predictor_type": predictor_type, "predictor_type_inferred": inferred}
-
-
-class Predictor:
-    """Calls the user's predictor and turns its output into class labels, as declared or inferred.
-
-    ``predictor_type='class'``: the predictor returns one label per row (shape ``(n,)``).
-    ``predictor_type='proba'``: it returns scores of shape ``(n, n_classes)``; the label is the argmax.
-    A later output of the other shape raises ``ValueError`` instead of being guessed again.
-    It also counts calls and rows, thread-safely, for benchmarks.
-    """
-
-    def __init__(self, fn: Callable[[Any], Any], predictor_type: str = "class") -> None:
-        if not callable(fn):
-            raise TypeError(f"predictor must be callable, got {type(fn).__name__}")
-        if predictor_type not in PREDICTOR_TYPES:
-            raise ValueError(f"predictor_type must be one of {PREDICTOR_TYPES}, got {predictor_type!r}")
-        self.fn = fn
-        self.predictor_type = predictor_type
-        self.calls = 0
-        self.rows = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, x: Any) -> np.ndarray:
-        n = len(x)
-        out = np.asarray(self.fn(x))
-        with self._lock:
-            self.calls += 1
-            self.rows += n
-        if self.predictor_type == "class":
-            if out.ndim == 2 and out.shape[1] == 1:
-                out = out[:, 0]
-            if out.ndim != 1 or out.shape[0] != n:
-                raise ValueError(
-                    f"predictor_type='class' expects the predictor to return {n} labels of shape ({n},), "
-                    f"got shape {out.shape}; pass predictor_type='proba' if it returns class scores")
-            return out
-        if out.ndim != 2 or out.shape[0] != n:
-            raise ValueError(
-                f"predictor_type='proba' expects the predictor to return scores of shape ({n}, n_classes), "
-                f"got shape {out.shape}; pass predictor_type='class' if it returns labels")
-        return out.argmax(axis=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,46 +104,6 @@ class Sampler(Protocol):
 # --------------------------------------------------------------------------------------------------
 # KL bounds
 # --------------------------------------------------------------------------------------------------
-def kl_bernoulli(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """KL divergence between Bernoulli(p) and Bernoulli(q), elementwise (clipped as alibi does)."""
-    m = np.clip(p, 1e-7, 1 - 1e-16)
-    n = np.clip(q, 1e-7, 1 - 1e-16)
-    return m * np.log(m / n) + (1.0 - m) * np.log((1.0 - m) / (1.0 - n))
-
-
-def dup_bernoulli(p: np.ndarray, level: np.ndarray, n_iter: int = 17) -> np.ndarray:
-    """Upper confidence bound: largest q >= p with KL(p, q) <= level (bisection)."""
-    p = np.asarray(p, dtype=float)
-    lm = p.copy()
-    um = np.minimum(p + np.sqrt(level / 2.0), 1.0)
-    for _ in range(1, n_iter):
-        qm = (um + lm) / 2.0
-        gt = kl_bernoulli(p, qm) > level
-        um = np.where(gt, qm, um)
-        lm = np.where(gt, lm, qm)
-    return um
-
-
-def dlow_bernoulli(p: np.ndarray, level: np.ndarray, n_iter: int = 17) -> np.ndarray:
-    """Lower confidence bound: smallest q <= p with KL(p, q) <= level (bisection)."""
-    p = np.asarray(p, dtype=float)
-    um = p.copy()
-    lm = np.clip(p - np.sqrt(level / 2.0), 0.0, 1.0)
-    for _ in range(1, n_iter):
-        qm = (um + lm) / 2.0
-        gt = kl_bernoulli(p, qm) > level
-        lm = np.where(gt, qm, lm)
-        um = np.where(gt, um, qm)
-    return lm
-
-
-def compute_beta(n_arms: int, t: int, delta: float) -> float:
-    """Exploration rate of KL-LUCB (Kaufmann & Kalyanakrishnan 2013, constants as in their experiments)."""
-    alpha, k = 1.1, 405.5
-    temp = np.log(k * n_arms * (t ** alpha) / delta)
-    return float(temp + np.log(temp))
-
-
 # --------------------------------------------------------------------------------------------------
 # Search
 # --------------------------------------------------------------------------------------------------
