@@ -133,8 +133,10 @@ def test_tabular_snippet_with_predict_proba_and_to_json() -> None:
 def test_text_and_image_json_shape_like_alibi() -> None:
     import spacy
 
-    exp = AnchorText(predictor=text_predict, sampling_strategy="unknown", nlp=spacy.blank("en"), seed=0).explain(
-        REF["text"]["text"], **FAST)
+    tex = AnchorText(predictor=text_predict, sampling_strategy="unknown", nlp=spacy.blank("en"), seed=0)
+    assert tex.predict_fn(REF["text"]["text"]).tolist() == [1]
+    assert tex.predict_fn(["not good", "good"]).tolist() == [1, 0]
+    exp = tex.explain(REF["text"]["text"], **FAST)
     theirs = alibi_exp("text")
     assert sorted(exp.anchor) == sorted(theirs["data"]["anchor"])
     assert exp.meta["params"]["predictor_type"] == "class" and exp.meta["params"]["predictor_type_inferred"]
