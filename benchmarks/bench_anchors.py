@@ -347,6 +347,9 @@ def main() -> None:
     ap.add_argument("--no-alibi", action="store_true", help="run our side only; compare with the committed reference")
     ap.add_argument("--save-reference", action="store_true", help="write the alibi figures to the reference file")
     ap.add_argument("--out", default=None, help="write all figures as JSON here")
+    ap.add_argument("--prepared", default=None,
+                    help="keep the prepared models and data in this directory and reuse them when present "
+                         "(skips retraining the CNN between runs)")
     ap.add_argument("--worker", choices=("ours", "alibi"), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -358,9 +361,15 @@ def main() -> None:
     n = 2 if args.quick else args.n
     n_verify = 300 if args.quick else args.verify_samples
     with tempfile.TemporaryDirectory(prefix="bench_anchors_") as tmp:
-        work = Path(tmp)
-        print(f"preparing models and data (n={n} per task) ...", flush=True)
-        prepare(work, n, args.quick)
+        work = Path(args.prepared) if args.prepared else Path(tmp)
+        marker = work / f"prepared_n{n}_quick{int(args.quick)}"
+        if marker.exists():
+            print(f"reusing the models and data prepared in {work} (n={n} per task)", flush=True)
+        else:
+            print(f"preparing models and data (n={n} per task) ...", flush=True)
+            work.mkdir(parents=True, exist_ok=True)
+            prepare(work, n, args.quick)
+            marker.write_text("ok\n")
         sides = {"ours": sys.executable}
         have_alibi = not args.no_alibi and Path(args.alibi_python).exists()
         if have_alibi:

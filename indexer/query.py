@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,7 @@ class GradIndex:
         self.max_k, self.max_queries = int(max_k), int(max_queries)
         self._description = IndexDescription.from_row(row)
         self._emb = None
+        self._preprocess: Callable[[list[str]], Any] | None = None
         self.lock = threading.RLock()  # the one lock: the engines keep per-call hook state
         if load_model:
             self.embedder()
@@ -194,6 +196,18 @@ class GradIndex:
         with self.lock:
             return emb.predict(X)
 
+    def preprocess(self) -> Callable[[list[str]], Any] | None:
+        """The index's text preprocessing (its build config's ``data.preprocess``, loaded once), which
+        turns raw texts into the model's numeric inputs; None for a model that takes numbers only."""
+        if self._preprocess is None:
+            pre = self.config.data.get("preprocess")
+            if not pre:
+                return None
+            from indexer.entries import load_entry
+
+            self._preprocess = load_entry(pre, "data.preprocess")
+        return self._preprocess
+
     def predict_targets(self, X: Any) -> np.ndarray | None:
         """The targets a query without targets is embedded with: the model's predicted classes for a
         classification index, None otherwise (regression needs the client's targets; unsupervised
@@ -225,11 +239,9 @@ class GradIndex:
         """Query vectors (m, dim) float32: gradients → projection → ``scale_query``."""
         X = self._check_x(X)
         emb = self.embedder()
-        pre = self.config.data.get("preprocess")
+        pre = self.preprocess()
         if pre and (isinstance(X, (list, tuple)) or getattr(X, "dtype", None) is not None and X.dtype.kind in "OU"):
-            from indexer.entries import load_entry
-
-            X = np.asarray(load_entry(pre, "data.preprocess")(list(X)))
+            X = np.asarray(pre(list(X)))
         if Y is not None:
             Y = np.asarray(Y)
             cn = self.class_names

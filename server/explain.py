@@ -24,7 +24,7 @@ SC = grpc.StatusCode
 def anchors(served: Served, request: pb.ExplainAnchorsRequest) -> pb.ExplainAnchorsResponse:
     """ExplainAnchors for the model of ``served``: an anchor (rule) that locks its prediction."""
     try:
-        from explainers.anchors.serve import explain_anchors
+        from explainers.anchors.serve import explain_anchors, model_predict_fn
     except ImportError as exc:
         raise RpcError(SC.UNIMPLEMENTED, f"anchors are not installed on this server ({exc})") from None
     d = served.description
@@ -63,20 +63,22 @@ def anchors(served: Served, request: pb.ExplainAnchorsRequest) -> pb.ExplainAnch
             raise RpcError(SC.INVALID_ARGUMENT, f"image has shape {list(x.shape)}; model {request.model!r} "
                            f"takes channel-last images of shape {list(hwc)}")
     index = served.index
-    # Anchors hands images over channel-last (n, H, W, C); a PyTorch model wants (n, C, H, W).
-    to_model = (lambda X: np.moveaxis(np.asarray(X), -1, 1)) if (
-        which == "image" and d.framework == "pytorch" and len(shape) == 3) else np.asarray
-
-    def predict_fn(X):
-        return index.predict(to_model(X).astype(np.float32, copy=False)).argmax(-1)
-
+    # the model's own text preprocessing; channel-first images for a PyTorch model
+    try:
+        predict_fn = model_predict_fn(index.predict, kind, input_shape=shape, framework=d.framework,
+                                      preprocess=index.preprocess(), model=request.model)
+    except ValueError as exc:
+        raise RpcError(SC.INVALID_ARGUMENT, str(exc)) from None
     out = explain_anchors(predict_fn, kind, params)
     resp = pb.ExplainAnchorsResponse(anchor=[str(a) for a in out.get("anchor", [])],
                                      precision=float(out.get("precision", 0.0)),
                                      coverage=float(out.get("coverage", 0.0)))
     resp.raw.CopyFrom(to_struct(out.get("raw") or {}))
+    resp.meta.CopyFrom(to_struct(out.get("meta") or {}))
     if out.get("segments") is not None:
         resp.segments.CopyFrom(to_tensor(np.asarray(out["segments"]).astype(np.int64)))
+    if out.get("masked_image") is not None:
+        resp.anchor_image.CopyFrom(to_tensor(np.asarray(out["masked_image"]).astype(np.int64)))
     return resp
 
 

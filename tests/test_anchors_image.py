@@ -90,7 +90,8 @@ def test_slic_start_label_every_superpixel_perturbed() -> None:
     from explainers.anchors.image import ImageSampler
 
     sampler = ImageSampler(IMG, segs, 1, ex.predictor, 0.5, None)
-    raw, keep = sampler.perturb((), 400, np.random.default_rng(0))
+    batch, keep = sampler.perturb((), 400, np.random.default_rng(0))
+    raw = sampler.images(batch)
     assert keep.shape == (400, k) and np.all((~keep).any(axis=0)), "every superpixel must be perturbed sometimes"
     # the perturbed pixels equal their superpixel mean, the others the image
     for i in range(5):
@@ -160,3 +161,87 @@ def test_lucb_arms_auto_is_the_paper_rule_for_images() -> None:
     assert rows["auto"] == rows[2] <= rows[None]
     with pytest.raises(ValueError, match="lucb_arms"):
         ex.explain(IMG, lucb_arms="all")
+
+
+class ImageLog:
+    """``keyed`` that records every image it is given (as bytes), to check none is labelled twice."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        self.seen.extend(np.ascontiguousarray(x).tobytes() for x in X)
+        return keyed(X)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_label_cache_same_explanation_and_no_image_labelled_twice(background: bool) -> None:
+    """The label cache changes nothing but the predictor's work: same anchor, trace and examples as
+    labelling every draw; no masked image is sent to the predictor twice; fewer rows labelled."""
+    # blank areas: superpixels the replacement leaves unchanged (black on a black background, or
+    # uniform cells whose mean is themselves) make different masks the same image
+    img = IMG.copy()
+    img[14:, :, 0] = 0.0
+    bg = np.stack([np.zeros_like(img), np.full_like(img, 0.5)]) if background else None
+    exps, logs = {}, {}
+    for cache in (False, True):
+        logs[cache] = ImageLog()
+        ex = AnchorImage(logs[cache], img.shape, segmentation_fn=grid, images_background=bg, predictor_type="class")
+        exps[cache] = ex.explain(img, seed=3, cache_labels=cache, **FAST)
+    a, b = exps[False], exps[True]
+    assert sorted(b.raw["feature"]) == [1, 5]
+    assert a.raw["feature"] == b.raw["feature"] and a.precision == b.precision and a.coverage == b.coverage
+    assert a.raw["precision"] == b.raw["precision"] and a.raw["num_preds"] == b.raw["num_preds"]
+    for ea, eb in zip(a.raw["examples"], b.raw["examples"]):
+        for k in ("covered_true", "covered_false"):
+            np.testing.assert_array_equal(np.asarray(ea[k]), np.asarray(eb[k]))
+    seen = logs[True].seen[1:]  # [0] is the instance itself, labelled before the search
+    assert len(seen) == len(set(seen)), "a masked image was labelled twice"
+    assert b.raw["labelled"] == len(seen) < a.raw["labelled"] == len(logs[False].seen) - 1
+    # without a background the 8 cells of the lower half are uniform black, their own mean: only the 8
+    # upper cells change the image, so at most 2**8 distinct images
+    if not background:
+        assert b.raw["labelled"] <= 2 ** 8 < a.raw["labelled"] / 4
+
+
+def test_shared_draws_give_every_arm_samples_from_its_own_distribution() -> None:
+    """Every sample counted for an anchor must be a draw from that anchor's distribution: its
+    superpixels kept, every other superpixel kept independently with probability 1 - p_sample.
+    Counting a sibling's draws (whose own superpixel is forced) would push that superpixel's keep
+    rate towards 1, which this checks for every candidate of the search and every superpixel."""
+    from explainers.anchors.base import AnchorSearch, Predictor
+    from explainers.anchors.image import ImageSampler
+
+    segs = grid(IMG) - 1
+    for p_sample in (0.5, 0.3):
+        sampler = ImageSampler(IMG, segs, 1, Predictor(keyed), p_sample, None)
+        search = AnchorSearch(sampler, np.random.default_rng(0), lucb_arms=2)
+        assert search.shared
+        res = search.anchor_beam(coverage_samples=1000)
+        assert sorted(res["feature"]) == [1, 5]
+        checked = 0
+        for anchor in list(search.t_nsamples):
+            rows = search._idx(anchor)
+            if len(rows) < 100:
+                continue
+            kept = search.data[rows]
+            assert kept[:, list(anchor)].all()
+            free = [f for f in range(16) if f not in anchor]
+            rates = kept[:, free].mean(axis=0)
+            tol = 4 * np.sqrt(p_sample * (1 - p_sample) / len(rows))
+            assert np.all(np.abs(rates - (1 - p_sample)) < tol), (anchor, len(rows), rates.round(3))
+            checked += 1
+        assert checked >= 5
+    # shared draws are refused when free superpixels are rarely kept (a parent's draws would rarely reach a child)
+    assert not AnchorSearch(ImageSampler(IMG, segs, 1, Predictor(keyed), 0.8, None), np.random.default_rng(0)).shared
+
+
+def test_shared_draws_same_anchor_fewer_rows() -> None:
+    rows = {}
+    for share in (False, True):
+        ex = AnchorImage(keyed, IMG.shape, segmentation_fn=grid, predictor_type="class")
+        exp = ex.explain(IMG, seed=2, share_draws=share, **FAST)
+        assert sorted(exp.raw["feature"]) == [1, 5] and exp.precision >= 0.95
+        assert fresh_precision(exp.segments, exp.raw["feature"]) >= 0.95 - 0.05
+        rows[share] = exp.raw["labelled"]
+    assert rows[True] < rows[False]

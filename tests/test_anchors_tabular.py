@@ -105,11 +105,12 @@ def test_threads_give_sequential_results(explainer: AnchorTabular) -> None:
         assert s.raw["num_preds"] == p.raw["num_preds"]
 
 
-def test_predictor_type_declared_not_guessed() -> None:
+def test_predictor_type_declared_wins() -> None:
     ex = AnchorTabular(rule_proba, NAMES, categorical_names=CATS, predictor_type="proba", seed=0).fit(X)
     exp = ex.explain(positives()[0], **FAST)
     assert sorted(exp.raw["feature"]) == [2, 5]
-    wrong = AnchorTabular(rule_proba, NAMES, categorical_names=CATS).fit(X)  # declared 'class'
+    assert exp.meta["params"]["predictor_type"] == "proba" and not exp.meta["params"]["predictor_type_inferred"]
+    wrong = AnchorTabular(rule_proba, NAMES, categorical_names=CATS, predictor_type="class").fit(X)
     with pytest.raises(ValueError, match="predictor_type='proba'"):
         wrong.explain(positives()[0])
     with pytest.raises(ValueError, match="predictor_type"):

@@ -188,3 +188,31 @@ def test_lucb_arms_auto_is_the_paper_rule_for_text(nlp_dir: Path) -> None:
     assert used["auto"] == used[2] <= used[None]
     with pytest.raises(ValueError, match="lucb_arms"):
         ex.explain(TEXT, lucb_arms=1)
+
+
+def test_named_language_models_load_locally_and_never_download(lm_dir: Path, tmp_path: Path) -> None:
+    """alibi's named classes: from a directory, from a Hugging Face cache, or a clear error when absent."""
+    import shutil
+
+    from explainers.utils import BertBaseUncased, DistilbertBaseUncased, RobertaBase
+
+    by_dir = BertBaseUncased(path=str(lm_dir))
+    assert by_dir.mask == "[MASK]" and by_dir.is_subword_prefix("##s") and not by_dir.is_subword_prefix("good")
+    alibi_style = BertBaseUncased(preloading=False).from_disk(lm_dir)
+    # a Hugging Face hub cache holding the tiny model under distilbert-base-uncased's repo id
+    repo = tmp_path / "hub" / "models--distilbert-base-uncased"
+    commit = "0" * 40
+    shutil.copytree(lm_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    by_cache = DistilbertBaseUncased(cache_dir=tmp_path / "hub")
+    reference = AnchorText(keyed, "language_model", language_model=str(lm_dir), seed=2).explain(
+        TEXT, coverage_samples=300)
+    for lm in (by_dir, alibi_style, by_cache):
+        exp = AnchorText(keyed, "language_model", language_model=lm, seed=2).explain(TEXT, coverage_samples=300)
+        assert exp.anchor == reference.anchor and exp.precision == reference.precision
+        assert exp.raw["num_preds"] == reference.raw["num_preds"]
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded.*save_pretrained"):
+        RobertaBase(cache_dir=tmp_path / "empty_cache")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        RobertaBase(path=tmp_path / "missing")

@@ -12,7 +12,10 @@ from typing import Any
 _EXPORTS = {
     "AnchorTabular": ".tabular",
     "AnchorText": ".text",
-    "LanguageModel": ".text",
+    "LanguageModel": ".language_model",
+    "DistilbertBaseUncased": ".language_model",
+    "BertBaseUncased": ".language_model",
+    "RobertaBase": ".language_model",
     "AnchorImage": ".image",
     "Explanation": ".base",  # re-export of explainers.explanation.Explanation
     "Predictor": ".base",

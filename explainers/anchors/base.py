@@ -23,22 +23,32 @@ defaults, and with three deliberate differences:
   per call, and sampling every blocking arm labelled 2.5x more sentences: extra arms cost more than
   the rounds they save; measured in ``benchmarks/bench_anchors.py``). It is a fixed rule per modality, not a
   timing measurement, so the same seed still gives the same anchor.
+* **Shared draws** (samplers that perturb features independently and say so, ``shared_draws``:
+  images). A draw conditioned on anchor Q whose kept features include anchor A is a draw from A's
+  distribution for any A containing Q, so every labelled draw is counted for every tracked
+  candidate it is a valid sample of, and the critical arms of a KL-LUCB round are drawn from their
+  common parent (:meth:`AnchorSearch._draw_shared`). Each arm's samples stay i.i.d. from its own
+  distribution; the other candidates gain samples for free.
 * **Ties are broken by coverage.** When two arms have exactly the same empirical precision, the one
   with the larger coverage ranks higher, which is what the paper's objective (maximise coverage under
   the precision constraint) asks for; alibi breaks such ties by candidate order.
 
-A *sampler* supplies the data modality: :class:`Sampler` below is the protocol.
+A *sampler* supplies the data modality: :class:`Sampler` below is the protocol. The predictor
+wrapper lives in :mod:`.predictor`, the KL bounds in :mod:`.bounds` (both re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from explainers.explanation import Explanation  # noqa: F401  (re-exported: one class for every explainer)
+
+# re-exported: the explainers and tests import these from here
+from .bounds import compute_beta, dlow_bernoulli, dup_bernoulli, kl_bernoulli  # noqa: F401
+from .predictor import PREDICTOR_TYPES, Predictor, infer_predictor_type, resolve_predictor  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -58,53 +68,6 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(
     cache_margin=1000,
     lucb_arms="auto",
 )
-
-PREDICTOR_TYPES = ("class", "proba")
-
-
-# --------------------------------------------------------------------------------------------------
-# Predictor wrapper
-# --------------------------------------------------------------------------------------------------
-class Predictor:
-    """Calls the user's predictor and turns its output into class labels, as *declared*.
-
-    ``predictor_type='class'``: the predictor returns one label per row (shape ``(n,)``).
-    ``predictor_type='proba'``: it returns scores of shape ``(n, n_classes)``; the label is the argmax.
-    A mismatch raises ``ValueError`` instead of being silently guessed (alibi probes a zero input
-    and decides from the output shape, which misreads e.g. a 1-class or 1-row output).
-    It also counts calls and rows, thread-safely, for benchmarks.
-    """
-
-    def __init__(self, fn: Callable[[Any], Any], predictor_type: str = "class") -> None:
-        if not callable(fn):
-            raise TypeError(f"predictor must be callable, got {type(fn).__name__}")
-        if predictor_type not in PREDICTOR_TYPES:
-            raise ValueError(f"predictor_type must be one of {PREDICTOR_TYPES}, got {predictor_type!r}")
-        self.fn = fn
-        self.predictor_type = predictor_type
-        self.calls = 0
-        self.rows = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, x: Any) -> np.ndarray:
-        n = len(x)
-        out = np.asarray(self.fn(x))
-        with self._lock:
-            self.calls += 1
-            self.rows += n
-        if self.predictor_type == "class":
-            if out.ndim == 2 and out.shape[1] == 1:
-                out = out[:, 0]
-            if out.ndim != 1 or out.shape[0] != n:
-                raise ValueError(
-                    f"predictor_type='class' expects the predictor to return {n} labels of shape ({n},), "
-                    f"got shape {out.shape}; pass predictor_type='proba' if it returns class scores")
-            return out
-        if out.ndim != 2 or out.shape[0] != n:
-            raise ValueError(
-                f"predictor_type='proba' expects the predictor to return scores of shape ({n}, n_classes), "
-                f"got shape {out.shape}; pass predictor_type='class' if it returns labels")
-        return out.argmax(axis=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,46 +104,6 @@ class Sampler(Protocol):
 # --------------------------------------------------------------------------------------------------
 # KL bounds
 # --------------------------------------------------------------------------------------------------
-def kl_bernoulli(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """KL divergence between Bernoulli(p) and Bernoulli(q), elementwise (clipped as alibi does)."""
-    m = np.clip(p, 1e-7, 1 - 1e-16)
-    n = np.clip(q, 1e-7, 1 - 1e-16)
-    return m * np.log(m / n) + (1.0 - m) * np.log((1.0 - m) / (1.0 - n))
-
-
-def dup_bernoulli(p: np.ndarray, level: np.ndarray, n_iter: int = 17) -> np.ndarray:
-    """Upper confidence bound: largest q >= p with KL(p, q) <= level (bisection)."""
-    p = np.asarray(p, dtype=float)
-    lm = p.copy()
-    um = np.minimum(p + np.sqrt(level / 2.0), 1.0)
-    for _ in range(1, n_iter):
-        qm = (um + lm) / 2.0
-        gt = kl_bernoulli(p, qm) > level
-        um = np.where(gt, qm, um)
-        lm = np.where(gt, lm, qm)
-    return um
-
-
-def dlow_bernoulli(p: np.ndarray, level: np.ndarray, n_iter: int = 17) -> np.ndarray:
-    """Lower confidence bound: smallest q <= p with KL(p, q) <= level (bisection)."""
-    p = np.asarray(p, dtype=float)
-    um = p.copy()
-    lm = np.clip(p - np.sqrt(level / 2.0), 0.0, 1.0)
-    for _ in range(1, n_iter):
-        qm = (um + lm) / 2.0
-        gt = kl_bernoulli(p, qm) > level
-        lm = np.where(gt, qm, lm)
-        um = np.where(gt, um, qm)
-    return lm
-
-
-def compute_beta(n_arms: int, t: int, delta: float) -> float:
-    """Exploration rate of KL-LUCB (Kaufmann & Kalyanakrishnan 2013, constants as in their experiments)."""
-    alpha, k = 1.1, 405.5
-    temp = np.log(k * n_arms * (t ** alpha) / delta)
-    return float(temp + np.log(temp))
-
-
 # --------------------------------------------------------------------------------------------------
 # Search
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +117,7 @@ class AnchorSearch:
 
     def __init__(self, sampler: Sampler, rng: np.random.Generator, batch_size: int = 100,
                  n_covered_ex: int = 10, binary_cache_size: int = 10000, cache_margin: int = 1000,
-                 lucb_arms: int | None = None) -> None:
+                 lucb_arms: int | None = None, verbose: bool = False, verbose_every: int = 1) -> None:
         if binary_cache_size < 1:
             raise ValueError(f"binary_cache_size must be >= 1, got {binary_cache_size}")
         self.sampler = sampler
@@ -204,6 +127,14 @@ class AnchorSearch:
         # None = also every other arm that still blocks the stopping rule (default)
         self.lucb_arms = 1 << 30 if lucb_arms is None else max(2, int(lucb_arms))
         self.margin = int(cache_margin)
+        # alibi's progress printout (stdout, its format): KL-LUCB rounds and each beam's candidates
+        self.verbose = bool(verbose)
+        self.verbose_every = max(1, int(verbose_every))
+        # shared draws: only for samplers that perturb features independently and keep each free
+        # feature often enough for a parent's draws to reach its children (see _draw_shared)
+        rate = getattr(sampler, "share_rate", None)
+        self.shared = bool(getattr(sampler, "shared_draws", False)) and rate is not None and rate >= 0.25
+        self.tracked: list[tuple] = []  # the anchors every draw is counted for when it is a valid sample of them
         self.n_features = int(sampler.n_features)
         # the binary cache: alibi pre-allocates binary_cache_size batches; np.zeros is lazily
         # committed memory, so untouched rows cost nothing.
@@ -237,11 +168,18 @@ class AnchorSearch:
             self.data = np.concatenate([self.data, np.zeros((extra, self.n_features), dtype=bool)])
             self.labels = np.concatenate([self.labels, np.zeros(extra, dtype=bool)])
 
-    def draw_samples(self, anchors: list[tuple], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample ``batch_size`` perturbations for each anchor, label all in one predictor call."""
+    def draw_samples(self, anchors: list[tuple], batch_size: int, share: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ``batch_size`` perturbations for each anchor, label all in one predictor call.
+
+        Returns the positives and samples each anchor gained. With shared draws (see
+        :meth:`_draw_shared`) an anchor can gain more than ``batch_size``, and tracked anchors that
+        were not asked for can gain samples too: callers re-read the statistics.
+        """
         for a in anchors:
             if a not in self.t_order:
                 self.t_order[a] = list(a)
+        if self.shared and share and len(anchors) >= 2:
+            return self._draw_shared(anchors, batch_size)
         raws, datas = [], []
         for a in anchors:
             raw, data = self.sampler.perturb(tuple(self.t_order[a]), batch_size, self.rng)
@@ -255,18 +193,90 @@ class AnchorSearch:
             n = data.shape[0]
             lab = labels[off:off + n]
             off += n
-            self._ensure_capacity(n)
-            rows = np.arange(self.current, self.current + n)
-            self.data[rows] = data
-            self.labels[rows] = lab
-            self.current += n
-            self.t_idx.setdefault(a, []).append(rows)
-            self.t_nsamples[a] = self.t_nsamples.get(a, 0.0) + n
-            self.t_positives[a] = self.t_positives.get(a, 0.0) + float(lab.sum())
-            self.t_covered_true[a] = self.sampler.examples(raw[np.nonzero(lab)[0][:self.n_covered_ex]])
-            self.t_covered_false[a] = self.sampler.examples(raw[np.nonzero(~lab)[0][:self.n_covered_ex]])
-            pos[i], tot[i] = lab.sum(), n
+            rows = self._store(data, lab)
+            pos[i], tot[i] = self._credit(a, rows, lab, raw, np.ones(n, dtype=bool))
+            if self.shared:  # a draw conditioned on a is also a draw for every tracked superset it keeps
+                for b in self.tracked:
+                    if b != a and set(a) < set(b):
+                        self._credit(b, rows, lab, raw, data[:, list(b)].all(axis=1))
         return pos, tot
+
+    def _store(self, data: np.ndarray, lab: np.ndarray) -> np.ndarray:
+        """Append labelled samples to the binary cache; their row indices."""
+        n = data.shape[0]
+        self._ensure_capacity(n)
+        rows = np.arange(self.current, self.current + n)
+        self.data[rows] = data
+        self.labels[rows] = lab
+        self.current += n
+        return rows
+
+    def _credit(self, a: tuple, rows: np.ndarray, lab: np.ndarray, raw: Any, sel: np.ndarray) -> tuple[float, float]:
+        """Count the selected samples for anchor ``a`` (statistics and examples)."""
+        idx = np.nonzero(sel)[0]
+        if not len(idx):
+            return 0.0, 0.0
+        la = lab[idx]
+        self.t_idx.setdefault(a, []).append(rows[idx])
+        self.t_nsamples[a] = self.t_nsamples.get(a, 0.0) + len(idx)
+        self.t_positives[a] = self.t_positives.get(a, 0.0) + float(la.sum())
+        self.t_covered_true[a] = self.sampler.examples(raw[idx[np.nonzero(la)[0][:self.n_covered_ex]]])
+        self.t_covered_false[a] = self.sampler.examples(raw[idx[np.nonzero(~la)[0][:self.n_covered_ex]]])
+        return float(la.sum()), float(len(idx))
+
+    def _draw_shared(self, anchors: list[tuple], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draw for several anchors at once from their common parents' distributions.
+
+        For a sampler whose features are perturbed independently (``sampler.share_rate``: the
+        probability that a feature outside the conditioning anchor is kept), a draw conditioned on
+        anchor Q in which the features of A are kept is distributed exactly as a draw conditioned on
+        A, for every A containing Q. So instead of drawing ``batch_size`` samples for each anchor
+        P + (f,) from its own distribution, draw from the parent P's distribution until each
+        requested anchor has gained ``batch_size`` samples, label every draw once, and count every
+        draw for every requested or tracked anchor between P and the draw's kept features. Each
+        anchor's samples stay i.i.d. from its own distribution (which anchors get them depends only
+        on the draw's features, never on its label), so KL-LUCB's per-arm bounds hold; the two
+        critical arms of a round cost what they cost before, and every other candidate sharing the
+        parent gains about as many samples for free. Anchors still short after a few rounds are
+        topped up by direct draws.
+        """
+        gained = {a: [0.0, 0.0] for a in anchors}
+        groups: dict[tuple, list[tuple]] = {}
+        for a in anchors:
+            order = self.t_order[a]
+            groups.setdefault(tuple(order[:-1]) if order else (), []).append(a)
+        targets = list(dict.fromkeys(list(anchors) + list(self.tracked)))
+        rate = float(self.sampler.share_rate)
+        for parent, group in groups.items():
+            pset = set(parent)
+            mine = [b for b in targets if pset <= set(b)]
+            cols = {b: list(b) for b in mine}
+            for _ in range(4):
+                need = max(batch_size - gained[a][1] for a in group)
+                if need <= 0:
+                    break
+                n = int(np.ceil(need / rate * 1.1)) + 8
+                raw, data = self.sampler.perturb(parent, n, self.rng)
+                data = np.asarray(data, dtype=bool)
+                lab = self.sampler.labels(raw)
+                rows = self._store(data, lab)
+                for b in mine:
+                    p_, t_ = self._credit(b, rows, lab, raw, data[:, cols[b]].all(axis=1) if cols[b] else
+                                          np.ones(len(lab), dtype=bool))
+                    if b in gained:
+                        gained[b][0] += p_
+                        gained[b][1] += t_
+        short = [a for a in anchors if gained[a][1] < batch_size]
+        for a in short:  # rare: top up from the anchor's own distribution
+            n = int(batch_size - gained[a][1])
+            raw, data = self.sampler.perturb(tuple(self.t_order[a]), n, self.rng)
+            data = np.asarray(data, dtype=bool)
+            lab = self.sampler.labels(raw)
+            rows = self._store(data, lab)
+            p_, t_ = self._credit(a, rows, lab, raw, np.ones(n, dtype=bool))
+            gained[a][0] += p_
+            gained[a][1] += t_
+        return np.array([gained[a][0] for a in anchors]), np.array([gained[a][1] for a in anchors])
 
     def propose_anchors(self, previous_best: list[tuple]) -> list[tuple]:
         """Extend each anchor of the previous beam by one feature; initialise their statistics from the cache."""
@@ -321,8 +331,11 @@ class AnchorSearch:
         zero = np.nonzero(n_samples == 0)[0]
         if len(zero):
             pos, tot = self.draw_samples([anchors[i] for i in zero], 1)
-            positives[zero] += pos
-            n_samples[zero] += tot
+            if self.shared:
+                n_samples, positives, _ = self._stats(anchors)
+            else:
+                positives[zero] += pos
+                n_samples[zero] += tot
         n_arms = len(anchors)
         if n_arms == top_n:
             return np.arange(n_arms)
@@ -342,7 +355,13 @@ class AnchorSearch:
             return int(not_J[np.argmax(ub[not_J])]), int(J[np.argmin(lb[J])])
 
         ut, lt = critical(t)
+        verbose_count = 0
         while ub[ut] - lb[lt] > epsilon:
+            verbose_count += 1
+            if self.verbose and verbose_count % self.verbose_every == 0:
+                print('Best: %d (mean:%.10f, n: %d, lb:%.4f)' % (lt, means[lt], n_samples[lt], lb[lt]), end=' ')
+                print('Worst: %d (mean:%.4f, n: %d, ub:%.4f)' % (ut, means[ut], n_samples[ut], ub[ut]), end=' ')
+                print('B = %.2f' % (ub[ut] - lb[lt]))
             idx = [ut, lt]
             if self.lucb_arms > 2:
                 # also sample the other arms that still block the stopping rule (ub > lb[lt] + epsilon),
@@ -352,8 +371,11 @@ class AnchorSearch:
                 extra = [int(i) for i in nj if i != ut and ub[i] - lb[lt] > epsilon][:self.lucb_arms - 2]
                 idx += extra
             pos, tot = self.draw_samples([anchors[i] for i in idx], batch_size)
-            positives[idx] += pos
-            n_samples[idx] += tot
+            if self.shared:  # other arms may have gained samples too
+                n_samples, positives, _ = self._stats(anchors)
+            else:
+                positives[idx] += pos
+                n_samples[idx] += tot
             means = positives / n_samples
             t += 1
             ut, lt = critical(t)
@@ -390,6 +412,7 @@ class AnchorSearch:
             anchors = [a for a in anchors if self.t_coverage[a] > best_coverage]
             if not anchors:
                 break
+            self.tracked = anchors
             cand = self.kllucb(anchors, epsilon, delta, batch_size, min(beam_size, len(anchors)))
             best_of_size[current_size] = [anchors[i] for i in cand]
             beam = best_of_size[current_size]
@@ -398,6 +421,10 @@ class AnchorSearch:
             means = positives / n_samples
             lbs = dlow_bernoulli(means, beta / n_samples)
             ubs = dup_bernoulli(means, beta / n_samples)
+            if self.verbose:
+                print('Best of size ', current_size, ':')
+                for i, m_, l_, u_ in zip(cand, means, lbs, ubs):
+                    print(i, m_, l_, u_)
 
             def to_sample() -> np.ndarray:
                 return (((means >= desired_confidence) & (lbs < desired_confidence - epsilon_stop))
@@ -407,14 +434,24 @@ class AnchorSearch:
             while cont.any():
                 sel = np.nonzero(cont)[0]
                 pos_, tot_ = self.draw_samples([beam[i] for i in sel], batch_size)
-                positives[sel] += pos_
-                n_samples[sel] += tot_
+                if self.shared:
+                    n_samples, positives, _ = self._stats(beam)
+                    sel = np.arange(len(beam))
+                else:
+                    positives[sel] += pos_
+                    n_samples[sel] += tot_
                 means[sel] = positives[sel] / n_samples[sel]
                 lbs[sel] = dlow_bernoulli(means[sel], beta / n_samples[sel])
                 ubs[sel] = dup_bernoulli(means[sel], beta / n_samples[sel])
                 cont = to_sample()
             valid = (means >= desired_confidence) & (lbs > desired_confidence - epsilon_stop)
             better = np.nonzero(valid & (coverages > best_coverage))[0]
+            if self.verbose:
+                for a, ok, m_, l_, u_, c_ in zip(beam, valid, means, lbs, ubs, coverages):
+                    print('%s mean = %.2f lb = %.2f ub = %.2f coverage: %.2f n: %d'
+                          % (a, m_, l_, u_, c_, self.t_nsamples[a]))
+                    if ok:
+                        print('Found eligible result ', a, 'Coverage:', c_, 'Is best?', c_ > best_coverage)
             if better.size:
                 b = better[np.argmax(coverages[better])]
                 best_coverage = float(coverages[b])
@@ -431,6 +468,7 @@ class AnchorSearch:
             for i in range(0, current_size):
                 pool.extend(best_of_size.get(i, []))
             if pool:
+                self.tracked = pool
                 best_anchor = pool[int(self.kllucb(pool, epsilon, delta, batch_size, 1)[0])]
         return self.metadata(best_anchor, success, batch_size)
 
@@ -450,8 +488,8 @@ class AnchorSearch:
         missing = [p for p in partials if p not in self.t_covered_true]
         for p in missing:  # partial anchors never sampled directly: sample once to get examples
             self.t_order[p] = list(p)
-        if missing:
-            self.draw_samples(missing, batch_size)
+        if missing:  # for examples only: each partial's own draws (shared draws would cost more here)
+            self.draw_samples(missing, batch_size, share=False)
         cov = self.coverage_data
         for f, p in zip(order, partials):
             mean = means[p] if had[p] else self.t_positives[p] / self.t_nsamples[p]
@@ -505,14 +543,15 @@ def search_with_call_knobs(sampler: Sampler, default_seed: int | None, call: dic
     """
     params = {k: call[k] for k in SEARCH_DEFAULTS}
     seed = default_seed if call.get("seed") is None else call["seed"]
-    return run_search(sampler, seed, **params), {**params, "seed": seed}
+    progress = {k: call[k] for k in ("verbose", "verbose_every") if k in call}
+    return run_search(sampler, seed, **params, **progress), {**params, "seed": seed}
 
 
 def run_search(sampler: Sampler, seed: int | None, *, threshold: float, delta: float, tau: float,
                batch_size: int, coverage_samples: int, beam_size: int, stop_on_first: bool,
                max_anchor_size: int | None, min_samples_start: int, n_covered_ex: int,
                binary_cache_size: int, cache_margin: int, rng: np.random.Generator | None = None,
-               lucb_arms: int | str | None = "auto") -> dict:
+               lucb_arms: int | str | None = "auto", verbose: bool = False, verbose_every: int = 1) -> dict:
     """Validate the knobs, make the local generator, run the beam search; return alibi's raw result dict.
 
     ``lucb_arms``: arms sampled per KL-LUCB round: ``2`` (the paper's rule), an integer > 2, ``None``
@@ -528,7 +567,7 @@ def run_search(sampler: Sampler, seed: int | None, *, threshold: float, delta: f
     rng = rng if rng is not None else np.random.default_rng(seed)
     search = AnchorSearch(sampler, rng, batch_size=int(batch_size), n_covered_ex=n_covered_ex,
                           binary_cache_size=int(binary_cache_size), cache_margin=int(cache_margin),
-                          lucb_arms=lucb_arms)
+                          lucb_arms=lucb_arms, verbose=verbose, verbose_every=verbose_every)
     return search.anchor_beam(delta=delta, epsilon=tau, desired_confidence=threshold, beam_size=int(beam_size),
                               min_samples_start=int(min_samples_start), max_anchor_size=max_anchor_size,
                               stop_on_first=bool(stop_on_first), batch_size=int(batch_size),

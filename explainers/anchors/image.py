@@ -3,8 +3,10 @@
 The image is segmented into superpixels (scikit-image's slic, felzenszwalb or quickshift, or a
 custom function); a perturbed sample keeps each superpixel with probability ``1 - p_sample`` (always,
 for the anchor's superpixels) and replaces the others by the superpixel's mean colour or by the same
-pixels of a random background image. Perturbation is vectorised: one fancy-indexing pass builds the
-whole batch (alibi loops over samples and superpixels in Python).
+pixels of a random background image. A sample is kept as its superpixel mask; images are built
+(one vectorised pass over the reused per-pixel segment map) only for the rows the predictor must
+label, and each distinct masked image is labelled once per explanation (alibi builds every image in
+a Python loop and labels every draw).
 
 Segment labels are always renumbered ``0..K-1`` in order of appearance of their value, whatever the
 segmentation function returns: with scikit-image >= 0.19 ``slic`` starts at 1 unless told otherwise,
@@ -19,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .base import Explanation, Predictor, explainer_meta, search_with_call_knobs, summary_precision_coverage
+from .base import Explanation, explainer_meta, resolve_predictor, search_with_call_knobs, summary_precision_coverage
 
 DEFAULT_SEGMENTATION_KWARGS: dict[str, dict] = {
     "felzenszwalb": {},
@@ -44,22 +46,53 @@ def _builtin_segmentation(name: str, kwargs: Mapping[str, Any]) -> Callable[[np.
     return partial(fn, **dict(kwargs))
 
 
+class MaskedBatch:
+    """Perturbed images described, not built: the kept-superpixel masks and the replacement of each row.
+
+    ``keep`` (n, K) bool, ``source`` (n,) int: the background image index, or -1 for the fudged
+    (mean-coloured) image. Images are built only for the rows that must be labelled or shown.
+    """
+
+    __slots__ = ("keep", "source")
+
+    def __init__(self, keep: np.ndarray, source: np.ndarray) -> None:
+        self.keep, self.source = keep, source
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, idx: Any) -> "MaskedBatch":
+        return MaskedBatch(self.keep[idx], self.source[idx])
+
+
 class ImageSampler:
-    """Superpixel perturbations of one image."""
+    """Superpixel perturbations of one image, each distinct masked image labelled at most once.
+
+    A perturbed image is determined by which superpixels are kept and by the replacement image (the
+    fudged image, or background ``i``). Keeping or replacing a superpixel whose replacement equals
+    the image there gives the same image, so such superpixels are counted as kept in the image's
+    key. Labels are cached by that key for the whole explanation: a masked image drawn again (by
+    another arm, a later round, another beam) is not sent to the predictor again, and the rows of
+    one draw that are the same image are labelled once. The search's statistics are unchanged: it
+    sees one label per draw, the same label the predictor would give (predictors are taken to be
+    deterministic per input, as the search already assumes). ``cache_labels=False`` labels every
+    draw (alibi's behaviour), for comparison.
+    """
 
     #: ``lucb_arms='auto'``: the paper's two arms per KL-LUCB round. An image model's cost grows with
-    #: the rows (the digits CNN: ~0.4 ms per image, ~0.5 ms per call), so sampling every blocking arm
-    #: (~16 x batch_size images per round) costs more than the rounds it saves.
+    #: the rows (the digits CNN: ~0.4-1 ms per image, ~0.5 ms per call), so sampling every blocking
+    #: arm (~16 x batch_size images per round) costs more than the rounds it saves.
     lucb_arms_auto = 2
 
     def __init__(self, image: np.ndarray, segments: np.ndarray, label: Any, predictor: Callable, p_sample: float,
-                 images_background: np.ndarray | None) -> None:
+                 images_background: np.ndarray | None, cache_labels: bool = True,
+                 share_draws: bool = True) -> None:
         self.image = image
         self.segments = segments
         self.label = label
         self.predictor = predictor
         self.p_sample = p_sample
-        self.background = images_background
+        self.background = None if images_background is None else images_background.astype(image.dtype)
         self.n_features = int(segments.max()) + 1
         flat = segments.reshape(-1)
         counts = np.bincount(flat, minlength=self.n_features).astype(np.float64)
@@ -67,36 +100,81 @@ class ImageSampler:
         means = np.stack([np.bincount(flat, weights=pix[:, c], minlength=self.n_features)
                           for c in range(pix.shape[1])], axis=1) / counts[:, None]
         self.fudged = means[flat].reshape(image.shape).astype(image.dtype)
+        # per replacement (row 0: fudged, row 1 + i: background i): superpixels it leaves unchanged
+        sources = [self.fudged] + ([] if self.background is None else list(self.background))
+        same = np.stack([(src == image).reshape(len(flat), -1).all(axis=1) for src in sources])  # (S, H*W)
+        self.invariant = np.stack([np.bincount(flat, weights=s, minlength=self.n_features) == counts
+                                   for s in same])
+        # the segment mask of every pixel, reused for every image built (channels broadcast)
+        self._pix_seg = segments.reshape(segments.shape + (1,) * (image.ndim - segments.ndim))
+        self.cache_labels = bool(cache_labels)
+        # superpixels are kept independently with probability 1 - p_sample: a draw conditioned on
+        # anchor Q is a valid draw for every anchor between Q and its kept superpixels (the search
+        # counts it for all of them; explainers.anchors.base.AnchorSearch._draw_shared)
+        self.shared_draws = bool(share_draws)
+        self.share_rate = 1.0 - float(p_sample)
+        self._cache: dict[bytes, bool] = {}
+        self.drawn = 0     # rows the search asked to label
+        self.labelled = 0  # rows sent to the predictor
 
     def _masks(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return rng.random((n, self.n_features)) >= self.p_sample  # True: superpixel kept
 
-    def perturb(self, anchor: tuple[int, ...], n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def perturb(self, anchor: tuple[int, ...], n: int, rng: np.random.Generator) -> tuple[MaskedBatch, np.ndarray]:
         keep = self._masks(n, rng)
         if anchor:
             keep[:, list(anchor)] = True
-        pix_keep = keep[:, self.segments]  # (n, H, W)
-        pix_keep = pix_keep.reshape(pix_keep.shape + (1,) * (self.image.ndim - self.segments.ndim))
-        # C-ordered output (np.where on broadcast inputs can return the sample axis innermost)
         if self.background is not None:
-            out = self.background[rng.integers(0, len(self.background), size=n)].astype(self.image.dtype)
+            source = rng.integers(0, len(self.background), size=n)
+        else:
+            source = np.full(n, -1, dtype=np.int64)
+        return MaskedBatch(keep, source), keep
+
+    def images(self, batch: MaskedBatch) -> np.ndarray:
+        """The masked images of ``batch``: (n,) + image shape, C-ordered."""
+        n = len(batch)
+        if self.background is not None:
+            out = self.background[batch.source]
         else:
             out = np.empty((n,) + self.image.shape, dtype=self.image.dtype)
             out[:] = self.fudged
+        pix_keep = batch.keep[:, self._pix_seg]  # (n, H, W[, 1])
         np.copyto(out, self.image[None], where=np.broadcast_to(pix_keep, out.shape))
-        return out, keep
+        return out
+
+    def _keys(self, batch: MaskedBatch) -> list[bytes]:
+        """One key per distinct masked image: kept superpixels (plus the unchanged ones) and the replacement."""
+        canon = batch.keep | self.invariant[batch.source + 1]
+        src = (batch.source + 1).astype("<i4").view(np.uint8).reshape(len(batch), 4)
+        packed = np.concatenate([np.packbits(canon, axis=1), src], axis=1)
+        return [row.tobytes() for row in packed]
 
     def coverage_data(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return self._masks(n, rng)
 
-    def labels(self, raw: np.ndarray) -> np.ndarray:
-        return self.predictor(raw) == self.label
+    def labels(self, raw: MaskedBatch) -> np.ndarray:
+        n = len(raw)
+        self.drawn += n
+        if not self.cache_labels:
+            self.labelled += n
+            return self.predictor(self.images(raw)) == self.label
+        keys = self._keys(raw)
+        todo: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            if k not in self._cache and k not in todo:
+                todo[k] = i
+        if todo:
+            rows = np.fromiter(todo.values(), dtype=np.int64, count=len(todo))
+            fresh = self.predictor(self.images(raw[rows])) == self.label
+            self.labelled += len(rows)
+            self._cache.update(zip(todo, fresh.tolist()))
+        return np.fromiter((self._cache[k] for k in keys), dtype=bool, count=n)
 
-    def concat(self, raws: Sequence[np.ndarray]) -> np.ndarray:
-        return np.concatenate(raws)
+    def concat(self, raws: Sequence[MaskedBatch]) -> MaskedBatch:
+        return MaskedBatch(np.concatenate([r.keep for r in raws]), np.concatenate([r.source for r in raws]))
 
-    def examples(self, raw: np.ndarray) -> list[np.ndarray]:
-        return [scale_image(img) for img in raw]
+    def examples(self, raw: MaskedBatch) -> list[np.ndarray]:
+        return [scale_image(img) for img in self.images(raw)] if len(raw) else []
 
 
 class AnchorImage:
@@ -119,19 +197,21 @@ class AnchorImage:
     seed
         Default seed of ``explain``.
     predictor_type
-        ``'class'`` (labels ``(n,)``) or ``'proba'`` (scores ``(n, n_classes)``): declared, not probed.
+        ``'class'`` (labels ``(n,)``) or ``'proba'`` (scores ``(n, n_classes)``); ``None`` (default):
+        inferred as alibi does, from one call on a zero image (reported in ``meta['params']``).
     """
 
     def __init__(self, predictor: Callable[[np.ndarray], np.ndarray], image_shape: tuple, dtype: Any = np.float32,
                  segmentation_fn: Any = "slic", segmentation_kwargs: dict | None = None,
                  images_background: np.ndarray | None = None, seed: int | None = None,
-                 predictor_type: str = "class") -> None:
+                 predictor_type: str | None = None) -> None:
         self.image_shape = tuple(int(s) for s in image_shape)
         if len(self.image_shape) not in (2, 3) or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (H, W) or (H, W, C), got {image_shape}")
         self.dtype = dtype
-        self.predictor_type = predictor_type
-        self.predictor = Predictor(predictor, predictor_type)
+        self.predictor, kind = resolve_predictor(predictor, predictor_type,
+                                                 lambda: np.zeros((1,) + self.image_shape, dtype=dtype))
+        self.predictor_type = kind["predictor_type"]
         if callable(segmentation_fn):
             self.custom_segmentation = True
             self.segmentation_fn = segmentation_fn
@@ -158,8 +238,15 @@ class AnchorImage:
         self.p_sample = 0.5
         self.meta = explainer_meta("AnchorImage", {
             "custom_segmentation": self.custom_segmentation, "segmentation_fn": seg_name,
-            "segmentation_kwargs": segmentation_kwargs, "seed": seed, "image_shape": self.image_shape,
-            "predictor_type": predictor_type})
+            "segmentation_kwargs": segmentation_kwargs, "seed": seed, "image_shape": self.image_shape, **kind})
+
+    @property
+    def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+        """Class labels of a batch of images (one image of ``image_shape`` is a batch of one), as alibi's."""
+        def predict(X: np.ndarray) -> np.ndarray:
+            X = np.asarray(X)
+            return self.predictor(X[None] if tuple(X.shape) == self.image_shape else X)
+        return predict
 
     def generate_superpixels(self, image: np.ndarray) -> np.ndarray:
         """Segment ``image``; labels renumbered to ``0..K-1`` (see the module note on slic's start_label)."""
@@ -178,11 +265,18 @@ class AnchorImage:
                 n_covered_ex: int = 10, binary_cache_size: int = 10000, cache_margin: int = 1000,
                 verbose: bool = False, verbose_every: int = 1, seed: int | None = None,
                 lucb_arms: int | str | None = "auto",
-                segments: np.ndarray | None = None, **kwargs: Any) -> Explanation:
+                segments: np.ndarray | None = None, cache_labels: bool = True, share_draws: bool = True,
+                **kwargs: Any) -> Explanation:
         """Explain the prediction on one image (``image_shape``).
 
         ``p_sample``: probability that a superpixel outside the anchor is perturbed (also used for
         the coverage samples). ``segments``: optional precomputed superpixel labels (H, W).
+        ``cache_labels``: label each distinct masked image once per explanation (default; the same
+        anchor as without, fewer predictor rows); ``False`` labels every draw, as alibi does.
+        ``share_draws``: count every labelled draw for every candidate anchor it is a valid sample of
+        and draw the candidates of a KL-LUCB round from their common parent (default, when
+        ``1 - p_sample >= 0.25``); ``False`` samples each candidate from its own distribution only,
+        as alibi does. ``raw['num_preds']`` counts draws; ``raw['labelled']`` the rows the predictor saw.
         """
         image = np.asarray(image)
         if tuple(image.shape) != self.image_shape:
@@ -200,9 +294,11 @@ class AnchorImage:
             segs = np.unique(segs, return_inverse=True)[1].reshape(segs.shape).astype(np.int64)
         image = image.astype(self.dtype, copy=False)
         label = self.predictor(image[None])[0]
-        sampler = ImageSampler(image, segs, label, self.predictor, float(p_sample), self.images_background)
+        sampler = ImageSampler(image, segs, label, self.predictor, float(p_sample), self.images_background,
+                               cache_labels=cache_labels, share_draws=share_draws)
         result, params = search_with_call_knobs(sampler, self.seed, locals())
         raw = dict(result)
+        raw["labelled"] = int(sampler.labelled)
         raw["instance"] = image
         raw["instances"] = image[None]
         raw["prediction"] = np.array([label])
@@ -211,7 +307,8 @@ class AnchorImage:
         data = dict(anchor=self.overlay_mask(image, segs, result["feature"]), segments=segs,
                     precision=precision, coverage=coverage, raw=raw)
         meta = copy.deepcopy(self.meta)
-        meta["params"].update(params, p_sample=p_sample)
+        meta["params"].update(params, p_sample=p_sample, cache_labels=bool(cache_labels),
+                              share_draws=bool(share_draws))
         return Explanation(meta=meta, data=data)
 
     @staticmethod
@@ -225,4 +322,4 @@ class AnchorImage:
         return (img * mask).astype(int)
 
 
-__all__ = ["AnchorImage", "ImageSampler", "DEFAULT_SEGMENTATION_KWARGS"]
+__all__ = ["AnchorImage", "ImageSampler", "MaskedBatch", "DEFAULT_SEGMENTATION_KWARGS"]

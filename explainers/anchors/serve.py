@@ -1,9 +1,14 @@
-"""Served anchors: one function the gRPC server's ``ExplainAnchors`` RPC calls.
+"""Served anchors: what the gRPC server's ``ExplainAnchors`` RPC calls, for every modality.
 
-``explain_anchors(predict_fn, kind, request) -> dict`` validates the request (every problem is a
-``ValueError`` whose message says what to fix; the server maps it to INVALID_ARGUMENT), runs the
-in-process explainer and returns plain Python/numpy values (no Explanation object), so the server
-only has to encode them. The request keys are documented in ``docs/anchors.md``.
+* :func:`model_predict_fn` turns a registered model's score function into the label function the
+  explainers call: text goes through the model's own ``preprocess`` (the function its build
+  config names), channel-last image batches are moved to channel-first for a PyTorch model.
+* ``explain_anchors(predict_fn, kind, request) -> dict`` validates the request (every problem is a
+  ``ValueError`` whose message says what to fix; the server maps it to INVALID_ARGUMENT), runs the
+  in-process explainer and returns plain Python/numpy values: alibi's ``Explanation`` fields
+  (``meta``; ``anchor``, ``precision``, ``coverage``, ``raw`` and, for images, the masked anchor
+  image and the segment map), so the server only has to encode them. The request keys are
+  documented in ``docs/anchors.md``.
 
 spaCy pipelines and language models named in requests are loaded once and cached (by name or
 path); fitted tabular explainers are cached by the content hash of their training data, so a
@@ -13,9 +18,10 @@ served model with a fixed background set is discretised once.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -84,19 +90,10 @@ def _search_params(request: Mapping) -> dict:
     return p
 
 
-def _summary(exp: Any) -> dict:
-    raw = exp.raw
-    return {
-        "feature": [int(f) for f in raw["feature"]],
-        "names": list(raw.get("names", [])),
-        "precision": [float(v) for v in raw["precision"]],
-        "coverage": [float(v) for v in raw["coverage"]],
-        "num_preds": int(raw["num_preds"]),
-        "success": bool(raw["success"]),
-        "prediction": np.asarray(raw["prediction"]).tolist(),
-        "examples": [{k: v for k, v in ex.items() if k in ("covered_true", "covered_false")}
-                     for ex in raw["examples"]],
-    }
+def _alibi_fields(exp: Any) -> dict:
+    """alibi's Explanation as plain JSON values: ``meta`` and ``raw`` (every key alibi's raw has)."""
+    d = json.loads(exp.to_json())
+    return {"meta": d["meta"], "raw": d["data"]["raw"]}
 
 
 def _tabular(predict_fn: Callable, request: Mapping, search: dict, predictor_type: str) -> dict:
@@ -144,7 +141,7 @@ def _tabular(predict_fn: Callable, request: Mapping, search: dict, predictor_typ
     seed = search.pop("seed")
     exp = explainer.explain(x, seed=seed, **search)
     return {"kind": "tabular", "anchor": list(exp.anchor), "precision": float(exp.precision),
-            "coverage": float(exp.coverage), "raw": _summary(exp),
+            "coverage": float(exp.coverage), **_alibi_fields(exp),
             "predicates": [list(map(int, p)) for p in exp.raw["predicates"]]}
 
 
@@ -187,7 +184,7 @@ def _text(predict_fn: Callable, request: Mapping, search: dict, predictor_type: 
     exp = explainer.explain(text, seed=0 if seed is None else seed, **search)
     return {"kind": "text", "anchor": list(exp.anchor), "precision": float(exp.precision),
             "coverage": float(exp.coverage), "positions": [int(p) for p in exp.raw["positions"]],
-            "raw": _summary(exp)}
+            **_alibi_fields(exp)}
 
 
 def _image(predict_fn: Callable, request: Mapping, search: dict, predictor_type: str) -> dict:
@@ -230,7 +227,7 @@ def _image(predict_fn: Callable, request: Mapping, search: dict, predictor_type:
         raise ValueError(f"bad segmentation_kwargs for {seg!r}: {e}") from None
     return {"kind": "image", "anchor": [int(f) for f in exp.raw["feature"]], "precision": float(exp.precision),
             "coverage": float(exp.coverage), "masked_image": np.asarray(exp.anchor),
-            "segments": np.asarray(exp.segments), "raw": _summary(exp)}
+            "segments": np.asarray(exp.segments), **_alibi_fields(exp)}
 
 
 def explain_anchors(predict_fn: Callable[[Any], Any], kind: str, request: Mapping[str, Any]) -> dict:
@@ -247,9 +244,10 @@ def explain_anchors(predict_fn: Callable[[Any], Any], kind: str, request: Mappin
         The parameters (see ``docs/anchors.md``): the input, the search knobs with alibi's
         defaults, ``seed``, ``predictor_type`` ('class' or 'proba') and the modality's options.
 
-    Returns a plain dict: ``kind``, ``anchor``, ``precision``, ``coverage``, ``raw`` (per-step
-    precision/coverage, feature ids, names, examples, ``num_preds``, ``success``, ``prediction``)
-    and, for images, ``masked_image`` and ``segments``.
+    Returns a plain dict: ``kind``, ``anchor``, ``precision``, ``coverage``, ``meta`` and ``raw``
+    (alibi's: explainer name and parameters; per-step precision/coverage, feature ids, names,
+    examples, ``num_preds``, ``success``, ``prediction``, ``instance``) and, for images,
+    ``masked_image`` (alibi's ``anchor``) and ``segments``.
 
     Raises ``ValueError`` for any invalid request (the server answers INVALID_ARGUMENT).
     """
@@ -269,4 +267,41 @@ def explain_anchors(predict_fn: Callable[[Any], Any], kind: str, request: Mappin
     return handler(predict_fn, request, search, predictor_type)
 
 
-__all__ = ["explain_anchors", "KINDS"]
+def model_predict_fn(predict_scores: Callable[[np.ndarray], Any], kind: str, *,
+                     input_shape: Sequence[int] | None = None, framework: str | None = None,
+                     preprocess: Callable[[list[str]], Any] | None = None, model: str = "the model"
+                     ) -> Callable[[Any], np.ndarray]:
+    """The label function anchors call, built from a registered model's score function.
+
+    ``predict_scores`` maps a float32 batch in the model's own layout to class scores ``(n, k)``.
+    ``kind='text'``: the texts go through ``preprocess`` (the model's registered text
+    preprocessing, e.g. a tokenizer or a bag of words) first; a model without one cannot take text
+    and is refused with a ``ValueError`` saying so. ``kind='image'``: anchors hand over channel-last
+    ``(n, H, W, C)`` batches; a PyTorch model whose input is 3-D (C, H, W) gets them channel-first.
+    ``kind='tabular'``: rows as they are. The labels are the argmax of the scores.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    shape = list(input_shape or [])
+    if kind == "text":
+        if preprocess is None:
+            raise ValueError(f"model {model!r} takes numeric inputs{f' of shape {shape}' if shape else ''}, not "
+                             "text: text anchors need a model registered with a text preprocess function "
+                             "(data.preprocess in its build config)")
+
+        def to_model(texts: Any) -> np.ndarray:
+            return np.asarray(preprocess(list(texts)), dtype=np.float32)
+    elif kind == "image" and framework == "pytorch" and len(shape) == 3:
+        def to_model(X: Any) -> np.ndarray:
+            return np.ascontiguousarray(np.moveaxis(np.asarray(X, dtype=np.float32), -1, 1))
+    else:
+        def to_model(X: Any) -> np.ndarray:
+            return np.asarray(X, dtype=np.float32)
+
+    def predict(X: Any) -> np.ndarray:
+        return np.asarray(predict_scores(to_model(X))).argmax(-1)
+
+    return predict
+
+
+__all__ = ["explain_anchors", "model_predict_fn", "KINDS"]

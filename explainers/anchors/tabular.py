@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .base import (SEARCH_DEFAULTS, Explanation, Predictor, explainer_meta, search_with_call_knobs,
-                   summary_precision_coverage)
+from .base import (SEARCH_DEFAULTS, Explanation, Predictor, explainer_meta, resolve_predictor,
+                   search_with_call_knobs, summary_precision_coverage)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +229,9 @@ class AnchorTabular:
         Default seed of ``explain`` (each call makes its own generator; nothing is seeded globally).
     predictor_type
         ``'class'``: predictor returns labels ``(n,)``; ``'proba'``: returns scores ``(n, n_classes)``.
-        Declared, never guessed (alibi probes the predictor with a zero row).
+        ``None`` (default): inferred as alibi does, from one call on a zero row (all categories 0);
+        a declared kind wins and nothing is probed. ``meta['params']`` says which kind is used and
+        whether it was inferred (``predictor_type_inferred``).
     ohe_drop
         With ``ohe=True``: ``None`` (a column per category), ``'first'`` (category 0 has no column,
         as ``OneHotEncoder(drop='first')``), or ``{column: dropped category or None}`` (sklearn's
@@ -238,7 +240,7 @@ class AnchorTabular:
 
     def __init__(self, predictor: Callable[[np.ndarray], np.ndarray], feature_names: Sequence[str],
                  categorical_names: Mapping[int, Sequence[str]] | None = None, dtype: Any = np.float32,
-                 ohe: bool = False, seed: int | None = None, predictor_type: str = "class",
+                 ohe: bool = False, seed: int | None = None, predictor_type: str | None = None,
                  ohe_drop: None | str | Mapping[int, int | None] = None) -> None:
         self.feature_names = list(feature_names)
         self.n_features = len(self.feature_names)
@@ -257,8 +259,6 @@ class AnchorTabular:
         self.dtype = dtype
         self.ohe = bool(ohe)
         self.seed = seed
-        self.predictor_type = predictor_type
-        self._user_predictor = Predictor(predictor, predictor_type)
         self.ohe_map: OneHotMap | None = None
         if self.ohe:
             if not cat:
@@ -274,8 +274,10 @@ class AnchorTabular:
             self.ohe_map = OneHotMap(self.n_features, {f: len(v) for f, v in cat.items()}, dropped)
         elif ohe_drop is not None:
             raise ValueError("ohe_drop is only meaningful with ohe=True")
-        self.meta = explainer_meta("AnchorTabular", {"seed": seed, "predictor_type": predictor_type,
-                                                     "ohe": self.ohe})
+        self._user_predictor, kind = resolve_predictor(
+            predictor, predictor_type, lambda: self._to_user(np.zeros((1, self.n_features))))
+        self.predictor_type = kind["predictor_type"]
+        self.meta = explainer_meta("AnchorTabular", {"seed": seed, **kind, "ohe": self.ohe})
         self._fitted = False
 
     # ---- predictor on ordinal rows -----------------------------------------------------------------
@@ -283,10 +285,19 @@ class AnchorTabular:
     def predictor(self) -> Predictor:
         return self._user_predictor
 
+    @property
+    def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+        """Class labels of rows (user encoding; one 1-D row is taken as a batch of one), as alibi's."""
+        def predict(X: np.ndarray) -> np.ndarray:
+            X = np.asarray(X)
+            return self._user_predictor(X[None] if X.ndim == 1 else X)
+        return predict
+
     def reset_predictor(self, predictor: Callable, predictor_type: str | None = None) -> None:
         """Replace the predictor (and optionally its declared type)."""
         self.predictor_type = predictor_type or self.predictor_type
         self._user_predictor = Predictor(predictor, self.predictor_type)
+        self.meta["params"].update(predictor_type=self.predictor_type, predictor_type_inferred=False)
 
     def _to_user(self, X_ord: np.ndarray) -> np.ndarray:
         if self.ohe_map is not None:
