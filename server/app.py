@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from server.auth import TokenAuthInterceptor
+from server.auth import TokenAuthInterceptor, method_label
 from server.config import ServerConfig
 from server.observability import Metrics, setup_logging
 from server.protos import service_pb2, service_pb2_grpc
@@ -25,6 +25,9 @@ from server.registry import Registry, Served
 from server.service import GradIndexServicer
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GradIndex"].full_name
+#: The server's method table: the only paths that become metric labels.
+KNOWN_METHODS = frozenset(f"/{SERVICE_NAME}/{m.name}"
+                          for m in service_pb2.DESCRIPTOR.services_by_name["GradIndex"].methods)
 
 
 class GradIndexServer:
@@ -55,7 +58,7 @@ class GradIndexServer:
         if cfg.token:
             interceptors.append(TokenAuthInterceptor(
                 cfg.token, cfg.admin_token,
-                on_deny=lambda m, c: self.metrics.requests.labels(m.rsplit("/", 1)[-1], c.name).inc()))
+                on_deny=lambda m, c: self.metrics.requests.labels(method_label(m, KNOWN_METHODS), c.name).inc()))
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),

@@ -3,7 +3,9 @@
 Clients send ``authorization: Bearer <token>`` metadata. Health checks are exempt (load balancers
 and orchestrators probe without credentials). A missing or wrong token is UNAUTHENTICATED; with an
 ``admin_token`` configured, admin RPCs (ReloadIndex) called with the ordinary token are
-PERMISSION_DENIED. Tokens are compared in constant time.
+PERMISSION_DENIED. Tokens are compared in constant time; the ``Bearer`` scheme is matched
+case-insensitively. ``on_deny`` hears the method only as a name from the service's own method
+table (:func:`method_label`): a client-chosen path never becomes a metric label.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import grpc
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 ADMIN_METHODS = ("/gradindex.v1.GradIndex/ReloadIndex",)
+
+
+def method_label(method: str, known: frozenset[str]) -> str:
+    """The metric label of a called path: its short name when the service has it, else ``unknown``."""
+    return method.rsplit("/", 1)[-1] if method in known else "unknown"
 
 
 def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -51,11 +58,11 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if header is None:
             code, msg = grpc.StatusCode.UNAUTHENTICATED, (
                 "missing credentials: send metadata 'authorization: Bearer <token>'")
-        elif not header.startswith("Bearer "):
+        elif header[:7].lower() != "bearer ":  # the auth scheme is case-insensitive (RFC 7235)
             code, msg = grpc.StatusCode.UNAUTHENTICATED, (
                 "malformed authorization metadata: use 'authorization: Bearer <token>'")
         else:
-            presented = header[len("Bearer "):].strip().encode()
+            presented = header[7:].strip().encode()
             is_admin = self._admin is not None and self._matches(presented, self._admin)
             is_user = self._matches(presented, self._token)
             if not (is_admin or is_user):

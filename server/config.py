@@ -7,6 +7,8 @@ Example (docs/server.md lists every key)::
     host = "127.0.0.1"
     port = 50051
     token_env = "GRADINDEX_TOKEN"    # or token = "..." / token_file = "..."; none = no auth
+                                     # (a named setting that resolves to no secret refuses to start)
+    admin_token_env = "GRADINDEX_ADMIN_TOKEN"  # or admin_token / admin_token_file; needs a token too
     metrics_port = 9100              # Prometheus /metrics; absent = off
     reflection = false
     max_message_mb = 16
@@ -31,6 +33,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
 
 
 #: Query examples per engine call on the query path (bounds the memory of one call and lets a
@@ -71,7 +74,22 @@ class ServerConfig:
         return int(self.max_message_mb * 1024 * 1024)
 
     def validate(self) -> "ServerConfig":
-        """Raise ValueError naming the key to fix; return self."""
+        """Raise ValueError naming the key to fix; return self.
+
+        Auth fails closed: a token that is set must be a non-empty string, and an ``admin_token``
+        without a ``token`` is refused (it would leave every RPC but ReloadIndex open).
+        """
+        for key in ("token", "admin_token"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"{key} is set but empty: give it a non-empty secret, or remove it to run "
+                                  "without auth")
+        if self.admin_token is not None and self.token is None:
+            raise ValueError("admin_token is set but token is not: set token (or token_env / token_file) "
+                              "too, so that queries need a token as well; an admin token alone would leave "
+                              "every other RPC unauthenticated")
+        if self.token is not None and self.token == self.admin_token:
+            raise ValueError("admin_token equals token: use a different secret for admin RPCs")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls.cert and tls.key (PEM files); set both or neither")
         for name in ("max_batch", "max_k", "workers"):
@@ -98,12 +116,8 @@ class ServerConfig:
         tls = raw.pop("tls", None) or {}
         if tls:
             raw["tls_cert"], raw["tls_key"] = tls.get("cert"), tls.get("key")
-        token_env = raw.pop("token_env", None)
-        if token_env and os.environ.get(token_env):
-            raw["token"] = os.environ[token_env]
-        token_file = raw.pop("token_file", None)
-        if token_file:
-            raw["token"] = (base / token_file).read_text().strip()
+        for key in ("token", "admin_token"):
+            _resolve_secret(raw, key, base)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -112,3 +126,31 @@ class ServerConfig:
             if raw.get(key) is not None:
                 raw[key] = str((base / raw[key]).resolve())
         return cls(**raw).validate()
+
+
+def _resolve_secret(raw: dict, key: str, base: Path) -> None:
+    """Resolve ``key`` / ``key_env`` / ``key_file`` of a config dict into ``raw[key]``, failing closed.
+
+    At most one of the three may be set; a named environment variable that is unset or empty, or a
+    file that is missing or empty, is a ValueError naming the setting (never "no auth").
+    """
+    env, file = raw.pop(f"{key}_env", None), raw.pop(f"{key}_file", None)
+    given = [n for n, v in ((key, raw.get(key)), (f"{key}_env", env), (f"{key}_file", file)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"set only one of {', '.join(given)}")
+    if env is not None:
+        value = os.environ.get(str(env), "").strip()
+        if not value:
+            raise ValueError(f"{key}_env names the environment variable {env!r}, which is unset or empty: "
+                              "export it with the secret, or remove the setting")
+        raw[key] = value
+    elif file is not None:
+        path = base / str(file)
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"{key}_file {str(file)!r} cannot be read ({exc.strerror}): create it with the "
+                              "secret, or remove the setting") from None
+        if not value:
+            raise ValueError(f"{key}_file {str(file)!r} is empty: write the secret into it, or remove the setting")
+        raw[key] = value
