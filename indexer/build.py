@@ -37,6 +37,7 @@ from indexer.config import BuildConfig, parse_config
 from indexer.data import ArrayDataset, IterableDataset, open_dataset, validate_arrays
 from indexer.defaults import RECALL_SAMPLE
 from indexer.embedder import Embedder, load_engines, probe_layout
+from indexer.build_lock import build_lock
 from indexer.errors import ConfigError, FailedPrecondition, InvalidArgument
 from indexer.projection import layout_to_json
 from indexer.store import ExactSearcher, IndexSpec, VectorStore, recall_at_k
@@ -85,7 +86,8 @@ def build_index(config: str | Path | dict[str, Any] | BuildConfig, workdir: str 
     set_threads(cfg.build.get("threads", 0))
     cat = Catalog(workdir)
     try:
-        return _build(cfg, cat, dataset, resume, replace, new_version, engine, progress, ray_address, t0)
+        with build_lock(cat.workdir, cfg.name):  # one build per index name at a time (--replace included)
+            return _build(cfg, cat, dataset, resume, replace, new_version, engine, progress, ray_address, t0)
     finally:
         cat.close()
 
