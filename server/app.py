@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from server.auth import TokenAuthInterceptor, method_label
 from server.config import ServerConfig
 from server.observability import Metrics, setup_logging
-from server.protos import service_pb2, service_pb2_grpc
+from server.protos import service_pb2
 from server.registry import Registry, Served
 from server.service import GradIndexServicer
 
@@ -28,6 +28,50 @@ SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GradIndex"].full_name
 #: The server's method table: the only paths that become metric labels.
 KNOWN_METHODS = frozenset(f"/{SERVICE_NAME}/{m.name}"
                           for m in service_pb2.DESCRIPTOR.services_by_name["GradIndex"].methods)
+
+
+def _check_tls_pair(cert: str, key: str) -> None:
+    """Load the TLS pair with the ssl module first: a mismatch or unreadable file is a config error
+    naming tls.cert/tls.key, not gRPC's "could not bind"."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise ValueError(f"tls: cannot read {exc.filename}: check tls.cert and tls.key") from None
+    except ssl.SSLError as exc:
+        raise ValueError(f"tls.cert and tls.key are not a matching PEM certificate and private key ({exc.reason}): "
+                         "check that the key is the certificate's") from None
+
+
+def add_servicer(servicer: GradIndexServicer, server: grpc.Server, metrics: Metrics) -> None:
+    """Register the servicer with requests parsed in the handler, not by gRPC.
+
+    gRPC's own deserializer turns bytes that are not the request message into INTERNAL
+    ("Exception deserializing request"); parsing here makes them INVALID_ARGUMENT saying what to
+    send, counted under the method's own label.
+    """
+    from google.protobuf.message import DecodeError
+    from google.protobuf.message_factory import GetMessageClass
+
+    handlers = {}
+    for m in service_pb2.DESCRIPTOR.services_by_name["GradIndex"].methods:
+        req_cls, resp_cls = GetMessageClass(m.input_type), GetMessageClass(m.output_type)
+        method = getattr(servicer, m.name)
+
+        def handle(raw: bytes, context, _method=method, _req=req_cls, _name=m.name):
+            try:
+                request = _req.FromString(raw)
+            except (DecodeError, RuntimeError, ValueError) as exc:  # noqa: F841 - bytes are not the message
+                metrics.requests.labels(_name, "INVALID_ARGUMENT").inc()
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request bytes are not a valid {_req.DESCRIPTOR.full_name} message; "
+                              "send a serialized protobuf of that type")
+            return _method(request, context)
+
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(handle, request_deserializer=None,
+                                                               response_serializer=resp_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 class GradIndexServer:
@@ -69,7 +113,7 @@ class GradIndexServer:
                              maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         servicer = GradIndexServicer(self.registry, self.metrics, cfg)
         self.servicer = servicer
-        service_pb2_grpc.add_GradIndexServicer_to_server(servicer, server)
+        add_servicer(servicer, server, self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:
             from grpc_reflection.v1alpha import reflection
@@ -77,6 +121,7 @@ class GradIndexServer:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:
+            _check_tls_pair(cfg.tls_cert, cfg.tls_key)
             creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
             self.port = server.add_secure_port(address, creds)
         else:

@@ -16,6 +16,17 @@ DEFAULT_DEMO_WORKDIR = "runs/digits"
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """``gradindex serve``; a config or startup error is one line on stderr and exit status 2."""
+    from indexer.errors import InvalidArgument, NotFound
+
+    try:
+        return _serve_inner(args)
+    except (ValueError, OSError, InvalidArgument, NotFound, RuntimeError) as exc:
+        print(f"gradindex serve: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _serve_inner(args: argparse.Namespace) -> int:
     from server.app import GradIndexServer
     from server.config import ServerConfig
 

@@ -18,9 +18,18 @@ Example (docs/server.md lists every key)::
     batch_window_ms = 2              # FindSimilar micro-batching (0 = never hold a batch open)
     batch_max_examples = 64          # 0 = batching off
 
+    request_memory_mb = 256          # per-request budget (reply estimate, explainer knobs)
+    explain_concurrency = 1          # explanations at once; the query path keeps its threads
+
     [tls]                            # optional
     cert = "server.crt"
     key = "server.key"
+
+    [language_models]                # text anchors: the only language models a request may name
+    distil = "models/distilbert"
+
+    [spacy_pipelines]                # text anchors: the only spaCy pipelines (besides "en", blank English)
+    en_core = "en_core_web_sm"
 
 Models are never read from client bytes: the indexer opens each index's model from the
 operator-configured files recorded at build time (``torch.load(weights_only=True)`` or a Keras file).
@@ -67,6 +76,22 @@ class ServerConfig:
     grace_s: float = 10.0              # SIGTERM: how long in-flight RPCs may take to finish
     drain_delay_s: float = 0.0         # SIGTERM: NOT_SERVING this long before refusing new RPCs
     log_level: str = "INFO"
+    # ---- hardening: per-request budgets, explainer isolation, named resources, reload limits ----
+    request_memory_mb: float = 256.0   # work/memory one request may take (reply estimate, explainer knobs)
+    explain_concurrency: int = 1       # ExplainAnchors/ExplainPair running at once; beyond: RESOURCE_EXHAUSTED
+    explain_chunk: int = 256           # most rows per model forward pass inside an explainer
+    max_filter_labels: int = 1024      # labels in one request's Filter
+    max_name_chars: int = 256          # index/model/kind/split names
+    max_text_chars: int = 20000        # ExplainAnchors text
+    language_models: dict[str, str] = field(default_factory=dict)   # name -> local HF model directory
+    spacy_pipelines: dict[str, str] = field(default_factory=dict)   # name -> spaCy package or directory
+    reload_without_admin_token: bool = False  # allow ReloadIndex when no admin_token is configured
+    max_served: int = 16               # most served index names (ReloadIndex may add names up to this)
+
+    @property
+    def request_memory_bytes(self) -> int:
+        """The per-request work/memory budget in bytes."""
+        return int(self.request_memory_mb * 1024 * 1024)
 
     @property
     def max_message_bytes(self) -> int:
@@ -92,7 +117,8 @@ class ServerConfig:
             raise ValueError("admin_token equals token: use a different secret for admin RPCs")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls.cert and tls.key (PEM files); set both or neither")
-        for name in ("max_batch", "max_k", "workers"):
+        for name in ("max_batch", "max_k", "workers", "explain_concurrency", "explain_chunk", "max_filter_labels",
+                     "max_name_chars", "max_text_chars", "max_served"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_window_ms < 0 or self.batch_window_ms > 1000:
@@ -101,6 +127,15 @@ class ServerConfig:
             raise ValueError(f"batch_max_examples must be >= 0 (0 turns batching off), got {self.batch_max_examples}")
         if self.max_message_mb <= 0:
             raise ValueError(f"max_message_mb must be > 0, got {self.max_message_mb}")
+        if self.request_memory_mb <= 0:
+            raise ValueError(f"request_memory_mb must be > 0, got {self.request_memory_mb}")
+        for key in ("language_models", "spacy_pipelines"):
+            table = getattr(self, key)
+            if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                      for k, v in table.items()):
+                raise ValueError(f"[{key}] must map names to non-empty paths or package names")
+        if self.indexes and len(self.indexes) > self.max_served:
+            raise ValueError(f"indexes lists {len(self.indexes)} names, more than max_served={self.max_served}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         return self
@@ -125,6 +160,9 @@ class ServerConfig:
         for key in ("workdir", "tls_cert", "tls_key"):
             if raw.get(key) is not None:
                 raw[key] = str((base / raw[key]).resolve())
+        lms = raw.get("language_models")
+        if isinstance(lms, dict):  # directories, relative to the config file
+            raw["language_models"] = {k: str((base / v).resolve()) if isinstance(v, str) else v for k, v in lms.items()}
         return cls(**raw).validate()
 
 

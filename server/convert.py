@@ -99,8 +99,20 @@ def index_pb(name: str, d: IndexDescription, generation: int) -> tpb.IndexInfo:
         faiss_kind=d.faiss, status="ready", model_fingerprint=d.fingerprint, generation=generation)
     if d.recall_at_10 is not None:
         msg.recall = float(d.recall_at_10)
-    msg.details.CopyFrom(to_struct({k: v for k, v in d.to_dict().items() if k not in _INDEX_FIELDS}))
+    msg.details.CopyFrom(to_struct(_no_host_paths({k: v for k, v in d.to_dict().items() if k not in _INDEX_FIELDS})))
     return msg
+
+
+def _no_host_paths(x: Any) -> Any:
+    """Absolute file-system paths (checkpoint weights, index files) cut to their file names: clients
+    learn which file, not where the server keeps it."""
+    if isinstance(x, dict):
+        return {k: _no_host_paths(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_host_paths(v) for v in x]
+    if isinstance(x, str) and (x.startswith("/") or (len(x) > 2 and x[1] == ":" and x[2] in "\\/")):
+        return x.replace("\\", "/").rsplit("/", 1)[-1]
+    return x
 
 
 def model_pb(d: IndexDescription) -> tpb.ModelInfo:

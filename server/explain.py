@@ -12,17 +12,47 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
+from server import limits
+from server.config import ServerConfig
 from server.convert import params_of, to_struct
+from server.limits import clip
 from server.protos import service_pb2 as pb
 from server.registry import Served
-from server.rpc import RpcError
+from server.rpc import RpcError, alive
 from server.tensors import from_tensor, to_tensor
 
 SC = grpc.StatusCode
 
 
-def anchors(served: Served, request: pb.ExplainAnchorsRequest) -> pb.ExplainAnchorsResponse:
-    """ExplainAnchors for the model of ``served``: an anchor (rule) that locks its prediction."""
+def _named_resources(params: dict, cfg: ServerConfig) -> None:
+    """Replace ``language_model`` / ``nlp`` names by what the server config names them to.
+
+    A request only chooses among the operator's names: a path or package name the config does
+    not list is refused with the same message whether or not it exists (no file-system probing).
+    """
+    for key, table, builtin in (("language_model", cfg.language_models, ()),
+                                ("nlp", cfg.spacy_pipelines, ("en",))):
+        if key not in params:
+            continue
+        name = params[key]
+        if isinstance(name, str) and name in builtin and name not in table:
+            continue
+        if not isinstance(name, str) or name not in table:
+            have = sorted(set(table) | set(builtin))
+            raise RpcError(SC.INVALID_ARGUMENT, f"{key} must be one of the names this server configures: "
+                           f"{', '.join(have) or 'none'} (got {clip(name)}); paths and package names are not "
+                           "accepted")
+        params[key] = table[name]
+
+
+def anchors(served: Served, request: pb.ExplainAnchorsRequest, cfg: ServerConfig | None = None,
+            context=None) -> pb.ExplainAnchorsResponse:
+    """ExplainAnchors for the model of ``served``: an anchor (rule) that locks its prediction.
+
+    The knobs are capped by ``cfg``'s memory budget before any work; the model runs in chunks of
+    ``cfg.explain_chunk`` rows with the deadline and cancellation checked before every chunk.
+    """
+    cfg = cfg or ServerConfig()
     try:
         from explainers.anchors.serve import explain_anchors, model_predict_fn
     except ImportError as exc:
@@ -32,8 +62,14 @@ def anchors(served: Served, request: pb.ExplainAnchorsRequest) -> pb.ExplainAnch
     if which is None:
         raise RpcError(SC.INVALID_ARGUMENT, "send the instance to explain: row (tabular), text or image")
     kind = request.kind or {"row": "tabular", "text": "text", "image": "image"}[which]
+    if kind not in ("tabular", "text", "image"):
+        raise RpcError(SC.INVALID_ARGUMENT, f"kind must be tabular, text or image, got {clip(kind)}")
     params = params_of(request.params) if request.HasField("params") else {}
+    _named_resources(params, cfg)
     if which == "text":
+        if len(request.text) > cfg.max_text_chars:
+            raise RpcError(SC.INVALID_ARGUMENT, f"text has {len(request.text)} characters; this server explains "
+                           f"at most {cfg.max_text_chars}")
         params["text"] = request.text
     else:
         x = from_tensor(getattr(request, which), which, finite=True)
@@ -62,10 +98,12 @@ def anchors(served: Served, request: pb.ExplainAnchorsRequest) -> pb.ExplainAnch
         if tuple(x.shape) != hwc and not (x.ndim == 2 and hwc[2] == 1 and tuple(x.shape) == hwc[:2]):
             raise RpcError(SC.INVALID_ARGUMENT, f"image has shape {list(x.shape)}; model {request.model!r} "
                            f"takes channel-last images of shape {list(hwc)}")
+    limits.check_anchor_knobs(cfg, params, shape, request.text if which == "text" else None)
     index = served.index
+    run_model = limits.chunked(index.predict, cfg.explain_chunk, context, "anchors batch")
     # the model's own text preprocessing; channel-first images for a PyTorch model
     try:
-        predict_fn = model_predict_fn(index.predict, kind, input_shape=shape, framework=d.framework,
+        predict_fn = model_predict_fn(run_model, kind, input_shape=shape, framework=d.framework,
                                       preprocess=index.preprocess(), model=request.model)
     except ValueError as exc:
         raise RpcError(SC.INVALID_ARGUMENT, str(exc)) from None
@@ -82,8 +120,14 @@ def anchors(served: Served, request: pb.ExplainAnchorsRequest) -> pb.ExplainAnch
     return resp
 
 
-def pair(served: Served, request: pb.ExplainPairRequest) -> pb.ExplainPairResponse:
-    """ExplainPair: BiLRP relevances of a query against a stored example or a second input."""
+def pair(served: Served, request: pb.ExplainPairRequest, cfg: ServerConfig | None = None,
+         context=None) -> pb.ExplainPairResponse:
+    """ExplainPair: BiLRP relevances of a query against a stored example or a second input.
+
+    The inputs must have the model's input shape (which bounds their size) and the BiLRP batch
+    knob is capped by ``cfg``'s memory budget; the deadline is checked before the model runs.
+    """
+    cfg = cfg or ServerConfig()
     try:
         from explainers.bilrp import explain_pair, penultimate_embedding
     except ImportError as exc:
@@ -91,6 +135,10 @@ def pair(served: Served, request: pb.ExplainPairRequest) -> pb.ExplainPairRespon
     if not request.HasField("query"):
         raise RpcError(SC.INVALID_ARGUMENT, "query is missing; send one input (no batch axis) as a Tensor")
     x = from_tensor(request.query, "query", finite=True)
+    shape = served.description.input_shape
+    if shape and tuple(x.shape) != tuple(shape):
+        raise RpcError(SC.INVALID_ARGUMENT, f"query has shape {list(x.shape)}; the model of index {served.name!r} "
+                       f"takes one input of shape {list(shape)} (no batch axis)")
     which = request.WhichOneof("other")
     if which is None:
         raise RpcError(SC.INVALID_ARGUMENT, "send training_id (a stored example) or other_input")
@@ -105,6 +153,9 @@ def pair(served: Served, request: pb.ExplainPairRequest) -> pb.ExplainPairRespon
                            "send other_input instead")
     else:
         other = from_tensor(request.other_input, "other_input", finite=True)
+        if tuple(other.shape) != tuple(x.shape):
+            raise RpcError(SC.INVALID_ARGUMENT, f"other_input has shape {list(other.shape)}; send the query's "
+                           f"shape {list(x.shape)}")
     try:
         embedding = penultimate_embedding(served.index.model())
     except (TypeError, ValueError) as exc:
@@ -113,6 +164,9 @@ def pair(served: Served, request: pb.ExplainPairRequest) -> pb.ExplainPairRespon
     opts = params_of(request.options) if request.HasField("options") else {}
     if isinstance(opts.get("bounds"), list):
         opts["bounds"] = tuple(opts["bounds"])
+    limits.check_bilrp_knobs(cfg, opts, x)
+    if context is not None:
+        alive(context, "BiLRP")
     with served.index.lock:
         res = explain_pair(embedding, x, np.asarray(other), **opts)
     details = res.to_dict()

@@ -59,6 +59,15 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return SC.INTERNAL
 
 
+#: Longest status message sent or logged: a message that echoes client input never grows with it.
+MAX_MESSAGE_CHARS = 1000
+
+
+def _cut(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE_CHARS else \
+        f"{message[:MAX_MESSAGE_CHARS]}…(message cut, {len(message)} chars)"
+
+
 def rpc(method: Callable) -> Callable:
     """Wrap a servicer method: status mapping, metrics, one structured log line per call.
 
@@ -75,7 +84,7 @@ def rpc(method: Callable) -> Callable:
             response = method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status code
             code = status_for(exc)
-            message = str(exc) if code != SC.INTERNAL else (
+            message = _cut(str(exc)) if code != SC.INTERNAL else (
                 f"internal error ({type(exc).__name__}); the server log has the details")
             if code == SC.INTERNAL:
                 log.exception("rpc failed", extra={"fields": {"method": name}})
@@ -88,7 +97,7 @@ def rpc(method: Callable) -> Callable:
                       "peer": context.peer()}
             idx = getattr(request, "index", None)
             if idx:
-                fields["index"] = idx
+                fields["index"] = idx if len(idx) <= 128 else f"{idx[:128]}…(+{len(idx) - 128} chars)"
             if message:
                 fields["error"] = message
             log.info("rpc", extra={"fields": fields})

@@ -10,16 +10,18 @@ Fetching the records and encoding the response happen back here. Explainer RPCs 
 
 from __future__ import annotations
 
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import grpc
 import numpy as np
 
-from server import explain
+from server import explain, limits
+from indexer.errors import FailedPrecondition, InvalidArgument, NotFound
 from server.batching import Batcher
 from server.config import EMBED_CHUNK, ServerConfig
-from server.convert import DIRECTIONS, example_pb, filters_of, index_pb, model_pb
+from server.convert import DIRECTIONS, example_pb, index_pb, model_pb
 from server.observability import Metrics, StageTimer
 from server.pipeline import Job, run_jobs, search_hits
 from server.protos import service_pb2 as pb
@@ -27,6 +29,7 @@ from server.protos import service_pb2_grpc as pb_grpc
 from server.protos import types_pb2 as tpb
 from server.registry import NotServed, Registry, Served
 from server.rpc import RpcError, alive, rpc
+from server.limits import clip
 from server.tensors import from_tensor
 
 SC = grpc.StatusCode
@@ -42,6 +45,10 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
     def __init__(self, registry: Registry, metrics: Metrics, config: ServerConfig | None = None,
                  embed_chunk: int = EMBED_CHUNK) -> None:
         cfg = config or ServerConfig()
+        self.config = cfg
+        # Explanations run at most explain_concurrency at a time: the other handler threads stay free
+        # for the query path however many slow explanations clients send.
+        self._explain_slots = threading.BoundedSemaphore(cfg.explain_concurrency)
         self.registry = registry
         self.metrics = metrics
         self.max_batch = cfg.max_batch
@@ -61,6 +68,7 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
     def _served(self, name: str) -> Served:
         if not name:
             raise RpcError(SC.INVALID_ARGUMENT, "index is empty; name the index to query (see ListIndexes)")
+        limits.check_name(name, "index", self.config)
         try:
             return self.registry.get(name)
         except NotServed as exc:
@@ -77,6 +85,25 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
                 f"the server's max_k is {self.max_k}"
             raise RpcError(SC.INVALID_ARGUMENT, f"k={k} is too large: {why}; ask for k <= {limit}")
         return k
+
+    def _direction(self, value: int) -> str:
+        if value not in DIRECTIONS:
+            raise RpcError(SC.INVALID_ARGUMENT, f"direction {value} is not a Direction; send MOST_SIMILAR (1), "
+                           "LEAST_SIMILAR (2) or BOTH (3)")
+        return DIRECTIONS[value]
+
+    def _filters(self, f: pb.Filter) -> dict:
+        """A request Filter as the index's search keywords (None = unfiltered), size-checked."""
+        cfg = self.config
+        if len(f.labels) > cfg.max_filter_labels:
+            raise RpcError(SC.INVALID_ARGUMENT, f"filter.labels has {len(f.labels)} labels; send at most "
+                           f"{cfg.max_filter_labels}")
+        if len(f.splits) > cfg.max_filter_labels:
+            raise RpcError(SC.INVALID_ARGUMENT, f"filter.splits has {len(f.splits)} names; send at most "
+                           f"{cfg.max_filter_labels}")
+        for sp in f.splits:
+            limits.check_name(sp, "filter.splits entry", cfg)
+        return {"labels": sorted({int(v) for v in f.labels}) or None, "split": list(f.splits) or None}
 
     def _check_batch(self, n: int, what: str) -> None:
         if n == 0:
@@ -99,13 +126,18 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
                            f"(batch, {', '.join(map(str, shape))})")
         Y = None
         if request.HasField("targets"):
-            Y = from_tensor(request.targets, "targets", finite=True, ndim=1)
+            d = served.description
+            classify = d.task == "classification" or bool(d.class_names)
+            Y = from_tensor(request.targets, "targets", finite=True, ndim=1,
+                            dtypes=("int64", "int32") if classify else ("float32", "float64", "int64", "int32"))
             if len(Y) != len(X):
                 raise RpcError(SC.INVALID_ARGUMENT,
                                f"targets has {len(Y)} entries for {len(X)} inputs; send one target per input")
             n_cls = len(served.description.class_names or [])
-            if n_cls and Y.dtype.kind in "iu" and ((Y < 0).any() or (Y >= n_cls).any()):
-                raise RpcError(SC.INVALID_ARGUMENT, f"targets must be class ids in [0, {n_cls}), got {Y.tolist()}")
+            if classify and (Y < 0).any() or n_cls and (Y >= n_cls).any():
+                bad = Y[(Y < 0) | (Y >= (n_cls or np.iinfo(np.int64).max))]
+                raise RpcError(SC.INVALID_ARGUMENT, f"targets must be class ids in [0, {n_cls or 'classes'}), "
+                               f"got {clip(bad[:8].tolist())}")
         return X, Y
 
     # ---- responses ---------------------------------------------------------------------------
@@ -163,7 +195,7 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
     def DescribeModel(self, request, context):
         models = self._models()
         if request.name not in models:
-            raise RpcError(SC.NOT_FOUND, f"model {request.name!r} is not served; served models: "
+            raise RpcError(SC.NOT_FOUND, f"model {clip(request.name)} is not served; served models: "
                            f"{', '.join(sorted(models)) or 'none'} (see ListModels)")
         return models[request.name]
 
@@ -180,9 +212,35 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
 
     @rpc
     def ReloadIndex(self, request, context):
+        """(Re)serve a catalog index under a name: admin only, allow-listed sources, bounded names.
+
+        Disabled unless an admin token is configured (the auth interceptor then requires it) or
+        the operator sets ``reload_without_admin_token``. The source must be in the ``indexes``
+        allow-list when there is one; a new served name is refused beyond ``max_served``. An index
+        that exists but cannot be opened (corrupt file, changed weights) is FAILED_PRECONDITION.
+        """
+        cfg = self.config
+        if cfg.admin_token is None and not cfg.reload_without_admin_token:
+            raise RpcError(SC.PERMISSION_DENIED, "ReloadIndex is disabled on this server: the operator enables it "
+                           "by configuring admin_token (or reload_without_admin_token = true)")
         if not request.index:
             raise RpcError(SC.INVALID_ARGUMENT, "index is empty; name the served index to reload")
-        s = self.registry.reload(request.index, request.from_index or None)
+        name = limits.check_name(request.index, "index", cfg)
+        source = limits.check_name(request.from_index, "from_index", cfg) or name
+        if cfg.indexes and source not in cfg.indexes:
+            raise RpcError(SC.PERMISSION_DENIED, f"index {source!r} is not in this server's allow-list (indexes): "
+                           f"{', '.join(cfg.indexes)}")
+        served = {s.name for s in self.registry.all()}
+        if name not in served and len(served) >= cfg.max_served:
+            raise RpcError(SC.RESOURCE_EXHAUSTED, f"the server already serves {len(served)} names (max_served="
+                           f"{cfg.max_served}); reload one of {', '.join(sorted(served))} instead of adding {name!r}")
+        try:
+            s = self.registry.reload(name, source)
+        except (NotFound, InvalidArgument, FailedPrecondition):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the files are bad, not the server
+            raise FailedPrecondition(f"index {source!r} cannot be opened ({type(exc).__name__}: "
+                                     f"{clip(str(exc), 200)}); rebuild it, or reload another index") from None
         return index_pb(s.name, s.description, s.generation)
 
     # ---- queries ----------------------------------------------------------------------------
@@ -194,14 +252,17 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
         with self.batcher.arrive() if self.batcher is not None else nullcontext() as arrival:
             served = self._served(request.index)
             k = self._check_k(request.k, served)
+            direction = self._direction(request.direction)
+            filt = self._filters(request.filter)
             X, Y = self._decode_inputs(request, served)
-            filt = filters_of(request.filter)
+            limits.check_reply(self.config, len(X), k, 2 if direction == "both" else 1, request.include_data,
+                               served.description.input_shape)
             timer.mark("decode")
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 alive(context, "gradient")
             deadline = None if remaining is None else time.monotonic() + remaining
-            job = Job(served, X, Y, k, DIRECTIONS[request.direction], filt["labels"], filt["split"], deadline,
+            job = Job(served, X, Y, k, direction, filt["labels"], filt["split"], deadline,
                       include_data=request.include_data)
             if self.batcher is not None:
                 self.batcher.submit(job, arrival)
@@ -222,11 +283,15 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
         timer = StageTimer(self.metrics)
         served = self._served(request.index)
         k = self._check_k(request.k, served)
+        direction = self._direction(request.direction)
+        filt = self._filters(request.filter)
         if not request.HasField("gradients"):
             raise RpcError(SC.INVALID_ARGUMENT, "gradients is missing; send a (batch, dim) Tensor")
         G = from_tensor(request.gradients, "gradients", finite=True, ndim=2,
                         dtypes=("float32", "float64", "float16"))
         self._check_batch(G.shape[0], "gradients")
+        limits.check_reply(self.config, G.shape[0], k, 2 if direction == "both" else 1, request.include_data,
+                           served.description.input_shape)
         d = served.description
         want = d.dim if request.projected else d.gradient_dim
         if want and G.shape[1] != want:
@@ -238,7 +303,7 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
         Q = served.index.project_gradients(G, request.projected)
         timer.mark("projection")
         alive(context, "search")
-        hits = search_hits(served.index, Q, k, DIRECTIONS[request.direction], **filters_of(request.filter))
+        hits = search_hits(served.index, Q, k, direction, **filt)
         timer.mark("search")
         return self._respond(served, hits, len(Q), request.include_data, context, timer)
 
@@ -249,12 +314,15 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
         if not ids:
             raise RpcError(SC.INVALID_ARGUMENT, "ids is empty; name at least one example id")
         count = served.description.count
+        if len(ids) > self.max_k:
+            raise RpcError(SC.RESOURCE_EXHAUSTED, f"{len(ids)} ids requested, more than max_k={self.max_k}")
         bad = [i for i in ids if not 0 <= i < count]
         if bad:
             raise RpcError(SC.NOT_FOUND, f"no example with id(s) {bad[:10]} in index {served.name!r} "
                            f"(ids run from 0 to {count - 1})")
         if len(ids) > self.max_k:
             raise RpcError(SC.RESOURCE_EXHAUSTED, f"{len(ids)} ids requested, more than max_k={self.max_k}")
+        limits.check_reply(self.config, 1, len(ids), 1, request.include_data, served.description.input_shape)
         recs = self._records(served, np.asarray(ids), request.include_data)
         return pb.GetExamplesResponse(examples=[recs[i] for i in ids])
 
@@ -262,13 +330,30 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
     def SelfInfluence(self, request, context):
         served = self._served(request.index)
         k = self._check_k(request.k, served)
+        limits.check_reply(self.config, 1, k, 1, request.include_data, served.description.input_shape)
+        alive(context, "self-influence")
         recs = served.index.self_influence_top(k, payload=request.include_data, lowest=request.lowest)
+        alive(context, "encode")
         return pb.SelfInfluenceResponse(examples=[
             tpb.Neighbor(score=float(r["self_influence"]), example=example_pb(r, request.include_data))
             for r in recs])
 
     # ---- explainers (adapters in server/explain.py) ---------------------------------------------
+    @contextmanager
+    def _explain_slot(self, what: str):
+        """One of ``explain_concurrency`` slots, or RESOURCE_EXHAUSTED at once (never a queue)."""
+        if not self._explain_slots.acquire(blocking=False):
+            raise RpcError(SC.RESOURCE_EXHAUSTED, f"{what}: the server runs at most {self.config.explain_concurrency} "
+                           "explanation(s) at a time and is busy; retry later")
+        try:
+            yield
+        finally:
+            self._explain_slots.release()
+
     def _served_for_model(self, model: str) -> Served:
+        if not model:
+            raise RpcError(SC.INVALID_ARGUMENT, "model is empty; name a served model (see ListModels)")
+        limits.check_name(model, "model", self.config)
         for s in self.registry.all():
             if s.description.model == model:
                 return s
@@ -277,11 +362,15 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
 
     @rpc
     def ExplainAnchors(self, request, context):
-        return explain.anchors(self._served_for_model(request.model), request)
+        served = self._served_for_model(request.model)
+        with self._explain_slot("ExplainAnchors"):
+            return explain.anchors(served, request, self.config, context)
 
     @rpc
     def ExplainPair(self, request, context):
-        return explain.pair(self._served(request.index), request)
+        served = self._served(request.index)
+        with self._explain_slot("ExplainPair"):
+            return explain.pair(served, request, self.config, context)
 
 
 __all__ = ["GradIndexServicer"]

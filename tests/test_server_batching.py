@@ -31,7 +31,8 @@ def env(tmp_path_factory):
     torch.set_num_threads(1)
     wd = tmp_path_factory.mktemp("batching")
     ensure_digits_index(wd, "digits", n=N, progress=False)
-    srv = GradIndexServer(ServerConfig(workdir=str(wd), port=0, workers=24, log_level="WARNING")).start()
+    srv = GradIndexServer(ServerConfig(workdir=str(wd), port=0, workers=24, log_level="WARNING",
+                                       reload_without_admin_token=True)).start()
     client = GradIndexClient(f"127.0.0.1:{srv.port}", timeout=30)
     X = load_digits_28()[0]
     ref = open_index(wd, "digits")  # independent in-process index: the per-request reference

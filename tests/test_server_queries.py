@@ -42,7 +42,8 @@ def env(tmp_path_factory):
     ensure_digits_index(wd, "exact_asym", n=N, progress=False,
                         overrides={**EXACT, "index": {"kernel": "grad_asym_dot"}})
     ensure_digits_index(wd, "exact_cos", n=N, progress=False, overrides={**EXACT, "index": {"kernel": "grad_cos"}})
-    srv = GradIndexServer(ServerConfig(workdir=str(wd), port=0, max_batch=64, log_level="WARNING")).start()
+    srv = GradIndexServer(ServerConfig(workdir=str(wd), port=0, max_batch=64, log_level="WARNING",
+                                       reload_without_admin_token=True)).start()
     client = GradIndexClient(f"127.0.0.1:{srv.port}", timeout=30)
     Xall, yall = load_digits_28()
     yield {"wd": wd, "srv": srv, "c": client, "Xt": Xall[:N], "yt": yall[:N], "Xq": Xall[-8:], "yq": yall[-8:],
