@@ -72,6 +72,7 @@ def add_servicer(servicer: GradIndexServicer, server: grpc.Server, metrics: Metr
         handlers[m.name] = grpc.unary_unary_rpc_method_handler(handle, request_deserializer=None,
                                                                response_serializer=resp_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # as the generated code does
 
 
 class GradIndexServer:
