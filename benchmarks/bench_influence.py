@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _util import median_time  # noqa: E402
 
 
@@ -46,7 +47,8 @@ def _median_time(fn, repeats: int) -> float:
 def bench_bilrp(X, y, cnn, args, out_dir: Path) -> None:
     import torch
 
-    from explainers.bilrp import BiLRP, bilrp_reference, pca_projection, penultimate_embedding, plot_pair
+    from bilrp_reference import bilrp_reference  # tests/: the slow per-dimension loop
+    from explainers.bilrp import BiLRP, pca_projection, penultimate_embedding, plot_pair
 
     emb = penultimate_embedding(cnn)
     opts = dict(rule=["gamma", "gamma", "epsilon"], input_rule="zb", bounds=(0.0, 1.0), pool=(4, 4))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from explainers.bilrp import (BiLRP, bilrp_reference, explain_pair, pca_projection, penultimate_embedding,
-                              plot_pair)
+from bilrp_reference import bilrp_reference
+from explainers.bilrp import BiLRP, explain_pair, pca_projection, penultimate_embedding, plot_pair
 
 torch.set_num_threads(1)
 
@@ -243,3 +243,18 @@ def test_zb_on_saturated_pixels_is_stable():
     np.testing.assert_allclose(r64, bilrp_reference(e64, *imgs), rtol=1e-8, atol=1e-12 * scale)
     with pytest.raises(ValueError, match="outside the z"):
         e64.explain(imgs[0] * 2 - 0.5, imgs[1])
+
+
+def test_explanation_envelope_carries_result_and_params():
+    """``BiLRP.explanation`` gives alibi's ``Explanation(meta, data)``: data keys double as attributes."""
+    from explainers import Explanation
+
+    xa, xb = _images()
+    e = BiLRP(_bias_free_cnn(), rule="zero", pool=(3, 3), dtype=torch.float64)
+    exp = e.explanation(xa, xb)
+    res = e.explain(xa, xb)
+    assert isinstance(exp, Explanation)
+    assert exp.meta["name"] == "BiLRP" and exp.meta["params"]["rules"] == ["zero"] * 3
+    np.testing.assert_array_equal(exp.pooled, res.pooled)
+    assert exp.similarity == res.similarity and exp.data["total"] == pytest.approx(res.total)
+    assert exp.top_pairs == res.top_pairs(20, "abs")
