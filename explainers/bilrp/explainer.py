@@ -1,30 +1,31 @@
-"""The BiLRP explainer: one explicit layer-wise LRP backward pass per input for a batch of output
-seeds, the pair relevances as the product of the two passes; plus the helpers around it (PCA
-projection, the penultimate embedding of a classifier, the server hook)."""
+"""The BiLRP explainer on any PyTorch network: zennit's LRP rules (see ``prepare``) run as one
+batched backward pass per input for all output seeds at once; the pair relevances are the product of
+the two passes. Plus the helpers around it (PCA projection, the penultimate embedding of a
+classifier, the server hook)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
-from explainers.bilrp.prepare import (RULES, _forward, _lin_forward, _lin_vjp, _Op, _pool_args, _prepare, _sign0,
-                                      _stab, _vjp)
+from explainers.bilrp.prepare import RULES, Prepared, prepare, trace
 from explainers.bilrp.result import BiLRPResult, _pool_rows
 from explainers.explanation import Explanation
 
 
 class BiLRP:
-    """BiLRP explainer for an embedding model phi (an nn.Sequential; see the module docstring).
+    """BiLRP explainer for an embedding model phi (any ``nn.Module`` torch.fx can trace; see ``prepare``).
 
     Parameters
     ----------
     model: the embedding phi; explained in eval mode (Dropout off, BatchNorm folded with running stats).
+        A private copy is explained: the model itself is not modified.
     rule: LRP rule for every Linear/Conv layer ("zero", "epsilon", "gamma"), or a sequence with one
-        rule per Linear/Conv layer, input side first.
+        rule per Linear/Conv call in execution order, input side first.
     input_rule: optional rule for the first Linear/Conv layer (typically "zb" for pixels).
     bounds: (low, high) input bounds for the z^B rule: scalars or arrays broadcastable to the input.
     epsilon, gamma: parameters of the epsilon and gamma rules.
@@ -41,9 +42,7 @@ class BiLRP:
                  projection: np.ndarray | torch.Tensor | None = None, pool: Any = "auto", batch_size: int = 256,
                  dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype
-        self._stab = _stab(dtype)
-        self.ops = _prepare(model, dtype)
-        n_lin = sum(op.kind == "linear" for op in self.ops)
+        self._traced, n_lin = trace(model, dtype)
         rules = [rule] * n_lin if isinstance(rule, str) else list(rule)
         if len(rules) != n_lin:
             raise ValueError(f"rule list has {len(rules)} entries but the model has {n_lin} Linear/Conv layers")
@@ -75,22 +74,22 @@ class BiLRP:
                        "projection_rank": None if self.projection is None else int(self.projection.shape[1]),
                        "pool": pool, "batch_size": self.batch_size, "dtype": str(dtype).replace("torch.", "")},
         }
-        # rule per op index
-        self._op_rule: dict[int, str] = {}
-        j = 0
-        for i, op in enumerate(self.ops):
-            if op.kind == "linear":
-                self._op_rule[i] = rules[j]
-                j += 1
+        self._prepared: dict[tuple[int, ...], Prepared] = {}
+        self.batched_backward = True  # one vmap'ed backward per seed chunk; False: the input repeated per seed
 
     # -- public ------------------------------------------------------------------------------
 
     def embed(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """phi(x) of one example (no batch axis) as seen by the explainer (eval mode, BN folded)."""
-        return _forward(self.ops, self._as_input(x))[-1][0].reshape(-1).numpy()
+        t = self._as_input(x)
+        with torch.no_grad():
+            return self._prepare(t).module(t)[0].reshape(-1).numpy()
 
     def explain(self, x: np.ndarray | torch.Tensor, x_other: np.ndarray | torch.Tensor) -> BiLRPResult:
-        """Pair relevances R_{ii'} = sum_m R_i(phi_m; x) R_{i'}(phi_m; x') for one pair (no batch axis)."""
+        """Pair relevances R_{ii'} = sum_m R_i(phi_m; x) R_{i'}(phi_m; x') for one pair (no batch axis).
+
+        A pair whose embeddings share no active dimension (similarity 0 without projection) gets an
+        all-zero explanation: no seed has relevance to propagate."""
         xa, xb = self._as_input(x), self._as_input(x_other)
         if self.rules[0] == "zb":
             for name, t in (("x", xa), ("x_other", xb)):
@@ -98,10 +97,10 @@ class BiLRP:
                 if bool((t < lo).any() or (t > hi).any()):
                     raise ValueError(f"{name} has values outside the z^B bounds {self.bounds}: widen the bounds "
                                      "to the input's range")
-        acts_a = _forward(self.ops, xa)
-        acts_b = _forward(self.ops, xb)
-        phi_a = acts_a[-1][0].reshape(-1)
-        phi_b = acts_b[-1][0].reshape(-1)
+        prep_a, prep_b = self._prepare(xa), self._prepare(xb)
+        with torch.no_grad():
+            phi_a = prep_a.module(xa)[0].reshape(-1)
+            phi_b = prep_b.module(xb)[0].reshape(-1)
         D = phi_a.numel()
         P = self.projection
         if P is not None:
@@ -117,26 +116,15 @@ class BiLRP:
             seeds_a, seeds_b = eye * phi_a, eye * phi_b
             explained = float(phi_a @ phi_b)
         in_a, in_b = tuple(xa.shape[1:]), tuple(xb.shape[1:])
-        da, db = int(np.prod(in_a)), int(np.prod(in_b))
-        R = torch.zeros(da, db, dtype=self.dtype)
-        rows_a, rows_b = [], []
-        pooled = None
-        grid_a = grid_b = (da,)
-        pool_used = None
-        for s in range(0, max(seeds_a.shape[0], 1), self.batch_size):
-            ra = self._lrp(acts_a, seeds_a[s:s + self.batch_size])
-            rb = self._lrp(acts_b, seeds_b[s:s + self.batch_size])
-            rows_a.append(ra.reshape(ra.shape[0], -1))
-            rows_b.append(rb.reshape(rb.shape[0], -1))
-            R += rows_a[-1].T @ rows_b[-1]
-            pa, grid_a, pool_used = _pool_rows(ra, in_a, self.pool)
-            pb, grid_b, _ = _pool_rows(rb, in_b, self.pool)
-            pooled = pa.T @ pb if pooled is None else pooled + pa.T @ pb
+        ra = self._lrp(prep_a, xa, seeds_a)
+        rb = self._lrp(prep_b, xb, seeds_b)
+        fa, fb = ra.reshape(ra.shape[0], -1), rb.reshape(rb.shape[0], -1)
+        pa, grid_a, pool_used = _pool_rows(ra, in_a, self.pool)
+        pb, grid_b, _ = _pool_rows(rb, in_b, self.pool)
         return BiLRPResult(
-            relevance=R.numpy(), pooled=pooled.numpy(), similarity=float(phi_a @ phi_b), explained=explained,
-            r_x=torch.cat(rows_a).numpy(), r_other=torch.cat(rows_b).numpy(), input_shape=in_a,
-            input_shape_other=in_b, pool=pool_used, pool_grid=tuple(grid_a), pool_grid_other=tuple(grid_b),
-            rules=list(self.rules))
+            relevance=(fa.T @ fb).numpy(), pooled=(pa.T @ pb).numpy(), similarity=float(phi_a @ phi_b),
+            explained=explained, r_x=fa.numpy(), r_other=fb.numpy(), input_shape=in_a, input_shape_other=in_b,
+            pool=pool_used, pool_grid=tuple(grid_a), pool_grid_other=tuple(grid_b), rules=list(self.rules))
 
     def explanation(self, x: np.ndarray | torch.Tensor, x_other: np.ndarray | torch.Tensor) -> Explanation:
         """``explain`` wrapped in the alibi-style ``Explanation(meta, data)`` envelope (``meta`` carries
@@ -149,17 +137,29 @@ class BiLRP:
         Default seeds: diag(phi(x)), i.e. row m explains phi_m(x) alone. Returns (k, *input_shape).
         """
         xa = self._as_input(x)
-        acts = _forward(self.ops, xa)
-        phi = acts[-1][0].reshape(-1)
+        prep = self._prepare(xa)
+        with torch.no_grad():
+            phi = prep.module(xa)[0].reshape(-1)
         S = torch.diag(phi) if seeds is None else torch.as_tensor(np.asarray(seeds), dtype=self.dtype)
-        return torch.cat([self._lrp(acts, S[i:i + self.batch_size])
-                          for i in range(0, S.shape[0], self.batch_size)]).numpy()
+        return self._lrp(prep, xa, S).numpy()
+
+    def rewrites(self, x: np.ndarray | torch.Tensor) -> list[str]:
+        """What the preparation did to the model for inputs shaped like ``x``: each traced call given an
+        LRP rule, each BatchNorm folded, each shared module copied (see ``explainers.bilrp.prepare``)."""
+        return list(self._prepare(self._as_input(x)).rewrites)
 
     # -- internals ---------------------------------------------------------------------------
 
     def _as_input(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x), dtype=self.dtype)
         return t.unsqueeze(0)
+
+    def _prepare(self, x: torch.Tensor) -> Prepared:
+        key = tuple(x.shape)
+        if key not in self._prepared:
+            self._prepared[key] = prepare(self._traced, x, self.rules, epsilon=self.epsilon, gamma=self.gamma,
+                                          dtype=self.dtype)
+        return self._prepared[key]
 
     def _input_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The z^B bounds broadcast to the input x (1, *input_shape)."""
@@ -171,77 +171,52 @@ class BiLRP:
             raise ValueError(f"bounds do not broadcast to the input shape {tuple(x.shape[1:])}: {e}") from None
         return lo, hi
 
-    def _bounds_at(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bounds carried through the layers before op i (e.g. padding gets bounds 0, 0: padded
-        zeros are fixed, so they take no z^B relevance)."""
-        lo, hi = self._input_bounds(x)
-        return _forward(self.ops[:i], lo)[-1], _forward(self.ops[:i], hi)[-1]
+    def _set_bounds(self, prep: Prepared, x: torch.Tensor) -> None:
+        """The z^B bounds at the first layer's input: the input bounds carried through the calls before it
+        (padding gives bounds 0, 0 to padded pixels: fixed zeros take no relevance)."""
+        captured: list[torch.Tensor] = []
+        handle = prep.first_linear.register_forward_pre_hook(lambda m, inp: captured.append(inp[0].detach()))
+        try:
+            with torch.no_grad():
+                for t in self._input_bounds(x):
+                    prep.module(t)
+        finally:
+            handle.remove()
+        prep.bounds.low, prep.bounds.high = captured[0], captured[1]
 
-    def _lrp(self, acts: list[torch.Tensor], seeds: torch.Tensor) -> torch.Tensor:
-        """Explicit layer-wise LRP backward for a batch of seeds (M, dim(phi)) -> (M, *input_shape)."""
+    def _lrp(self, prep: Prepared, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """LRP of input x (1, *shape) for a batch of output seeds (M, dim(phi)) -> (M, *shape): zennit's
+        rules hooked on the prepared model, the seeds fed as output gradients in chunks of batch_size."""
         M = seeds.shape[0]
-        out_shape = acts[-1].shape[1:]
-        R = seeds.reshape(M, *out_shape)
         if M == 0:
-            return torch.zeros(0, *acts[0].shape[1:], dtype=self.dtype)
-        for i in range(len(self.ops) - 1, -1, -1):
-            op, a = self.ops[i], acts[i]
-            if op.kind in ("relu", "identity"):
-                continue
-            if op.kind == "linear":
-                bounds = self._bounds_at(i, acts[0]) if self._op_rule[i] == "zb" else None
-                R = self._lrp_linear(op, self._op_rule[i], a, R, bounds)
-            elif op.kind == "affine":
-                shape = (1, -1) + (1,) * (a.dim() - 2)
-                z = a * op.scale.reshape(shape) + op.shift.reshape(shape)
-                z = z + self.epsilon * _sign0(z) if self.epsilon > 0 else z + self._stab * _sign0(z)
-                R = a * op.scale.reshape(shape) * (R / z)
-            elif op.kind == "maxpool":
-                # winner takes all: the relevance of each pooled unit goes to its argmax input
-                if a.dim() == 3:
-                    _, idx = F.max_pool1d(a, *_pool_args(op.fn.__self__, 1), return_indices=True)
-                else:
-                    _, idx = F.max_pool2d(a, *_pool_args(op.fn.__self__, 2), return_indices=True)
-                Rin = torch.zeros(M, a.shape[1], int(np.prod(a.shape[2:])), dtype=self.dtype)
-                Rin.scatter_add_(2, idx.flatten(2).expand(M, -1, -1), R.flatten(2))
-                R = Rin.reshape(M, *a.shape[1:])
-            elif op.kind == "avgpool":
-                z = op.fn(a)
-                s = R / (z + self._stab * _sign0(z))
-                R = a * _vjp(op.fn, a, s)
-            elif op.kind == "route":
-                R = _vjp(op.fn, a, R)
-        return R
-
-    def _lrp_linear(self, op: _Op, rule: str, a: torch.Tensor, R: torch.Tensor,
-                    bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        in_shape = a.shape[1:]
-        if rule == "zb":
-            Wp, Wn = op.W.clamp(min=0), op.W.clamp(max=0)
-            lo, hi = bounds
-            # x w - l w+ - h w- written as (x - l) w+ + (x - h) w-: two non-negative terms, so a
-            # saturated patch gives z = 0 exactly instead of rounding noise that 1/z would blow up
-            dl, dh = a - lo, a - hi
-            # a saturated patch (z = 0) has no root point inside the box: its relevance is dropped
-            z = _lin_forward(op, dl, Wp, None) + _lin_forward(op, dh, Wn, None)
-            s = torch.where(z > 0, R / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(R))
-            return dl * _lin_vjp(op, s, Wp, in_shape) + dh * _lin_vjp(op, s, Wn, in_shape)
-        if rule == "gamma":
-            W = op.W + self.gamma * op.W.clamp(min=0)
-            b = op.b + self.gamma * op.b.clamp(min=0)
-            eps = self._stab
-        elif rule == "epsilon":
-            W, b, eps = op.W, op.b, max(self.epsilon, self._stab)
-        else:  # zero
-            W, b, eps = op.W, op.b, self._stab
-        z = _lin_forward(op, a, W, b)
-        s = R / (z + eps * _sign0(z))
-        return a * _lin_vjp(op, s, W, in_shape)
-
-
-
-# --------------------------------------------------------------------------------------------
-# helpers: projection, embedding choice, server hook, plot
+            return torch.zeros(0, *x.shape[1:], dtype=self.dtype)
+        if self.rules[0] == "zb":
+            self._set_bounds(prep, x)
+        out: list[torch.Tensor] = []
+        with prep.composite.context(prep.module) as model:
+            if self.batched_backward:
+                xi = x.clone().requires_grad_(True)
+                y = model(xi)
+                for s in range(0, M, self.batch_size):
+                    chunk = seeds[s:s + self.batch_size]
+                    try:
+                        g, = torch.autograd.grad(y, xi, grad_outputs=chunk.reshape(chunk.shape[0], *y.shape),
+                                                 retain_graph=True, is_grads_batched=True)
+                    except RuntimeError as exc:  # an op without a batching rule: redo it exactly, unbatched
+                        warnings.warn(f"BiLRP: the batched backward failed ({exc}); falling back to one "
+                                      "forward of the input repeated per seed", RuntimeWarning, stacklevel=3)
+                        self.batched_backward = False
+                        break
+                    out.append(g[:, 0])
+            if not self.batched_backward:
+                out = []
+                for s in range(0, M, self.batch_size):
+                    chunk = seeds[s:s + self.batch_size]
+                    xi = x.expand(chunk.shape[0], *x.shape[1:]).clone().requires_grad_(True)
+                    y = model(xi)
+                    g, = torch.autograd.grad(y, xi, grad_outputs=chunk.reshape(y.shape))
+                    out.append(g)
+        return torch.cat(out).detach()
 
 
 def pca_projection(embeddings: np.ndarray, k: int) -> np.ndarray:
