@@ -118,7 +118,7 @@ class BiLRP:
         in_a, in_b = tuple(xa.shape[1:]), tuple(xb.shape[1:])
         ra = self._lrp(prep_a, xa, seeds_a)
         rb = self._lrp(prep_b, xb, seeds_b)
-        fa, fb = ra.reshape(ra.shape[0], -1), rb.reshape(rb.shape[0], -1)
+        fa, fb = ra.reshape(ra.shape[0], int(np.prod(in_a))), rb.reshape(rb.shape[0], int(np.prod(in_b)))
         pa, grid_a, pool_used = _pool_rows(ra, in_a, self.pool)
         pb, grid_b, _ = _pool_rows(rb, in_b, self.pool)
         return BiLRPResult(

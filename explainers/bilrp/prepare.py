@@ -332,7 +332,7 @@ def _rewrite(gm: fx.GraphModule, example: torch.Tensor) -> list[str]:
             cls = Reduce if is_red else Elementwise
             name = _add_module(gm, "bilrp_reduce" if is_red else "bilrp_act",
                                cls(fn, tuple(node.args[1:]), kwargs, what=str(getattr(target, "__name__", target))))
-            _replace(graph, node, name, (tensors[0],))
+            _replace(graph, node, name, (tensors[0],), dep)
             done.append(f"{_describe(node)} -> {'z-rule' if is_red else 'pass'}")
             continue
         is_add = _call(node, *_ADD, "add", "add_", "__add__", "__iadd__", "__radd__")
@@ -350,6 +350,7 @@ def _rewrite(gm: fx.GraphModule, example: torch.Tensor) -> list[str]:
                 new.meta = dict(node.meta)
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
+                dep.update((new, b))
                 done.append(f"{_describe(node)} -> z-rule over the addends")
                 continue
             if len(tensors) == 1:
@@ -363,7 +364,7 @@ def _rewrite(gm: fx.GraphModule, example: torch.Tensor) -> list[str]:
                 # a constant shift: the constant absorbs its share of the relevance, like a bias
                 name = _add_module(gm, "bilrp_shift", Reduce(torch.sub if is_sub else torch.add, (other,),
                                                              what=f"{'-' if is_sub else '+'} {other}"))
-                _replace(graph, node, name, (x,))
+                _replace(graph, node, name, (x,), dep)
                 done.append(f"{_describe(node)} -> z-rule (constant shift)")
                 continue
         is_neg = _call(node, operator.neg, torch.neg, "neg", "__neg__")
@@ -382,7 +383,7 @@ def _rewrite(gm: fx.GraphModule, example: torch.Tensor) -> list[str]:
                 else:
                     fn, args = torch.mul, (others[0],)
                 name = _add_module(gm, "bilrp_scale", Elementwise(fn, args, what=f"{fn.__name__} {args}"))
-                _replace(graph, node, name, (x,))
+                _replace(graph, node, name, (x,), dep)
                 done.append(f"{_describe(node)} -> pass (constant scaling)")
                 continue
             raise TypeError(f"{_describe(node)}: a product or quotient with another activation or a parameter "
@@ -414,12 +415,13 @@ def _unshare(gm: fx.GraphModule) -> list[str]:
     return done
 
 
-def _replace(graph: fx.Graph, node: fx.Node, module_name: str, args: tuple) -> None:
+def _replace(graph: fx.Graph, node: fx.Node, module_name: str, args: tuple, dep: set[fx.Node]) -> None:
     with graph.inserting_before(node):
         new = graph.call_module(module_name, args)
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    dep.add(new)
 
 
 def _fold_batchnorm(gm: fx.GraphModule) -> list[str]:

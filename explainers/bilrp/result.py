@@ -96,7 +96,7 @@ def _pool_rows(R: torch.Tensor, in_shape: tuple[int, ...], pool: Any) -> tuple[t
     if pool == "auto":
         pool = (4, 4) if len(in_shape) == 3 else ("tokens" if len(in_shape) == 2 else None)
     if pool is None or pool == "features":
-        return R.reshape(M, -1), (int(np.prod(in_shape)),), None
+        return R.reshape(M, int(np.prod(in_shape))), (int(np.prod(in_shape)),), None
     if pool == "tokens":
         if len(in_shape) != 2:
             raise ValueError(f"pool='tokens' needs inputs of shape (tokens, dims), got {in_shape}")
@@ -114,7 +114,7 @@ def _pool_rows(R: torch.Tensor, in_shape: tuple[int, ...], pool: Any) -> tuple[t
         gh, gw = -(-H // ph), -(-W // pw)
         Rc = F.pad(Rc, (0, gw * pw - W, 0, gh * ph - H))
         Rp = Rc.reshape(M, gh, ph, gw, pw).sum(dim=(2, 4))
-        return Rp.reshape(M, -1), (gh, gw), (ph, pw)
+        return Rp.reshape(M, gh * gw), (gh, gw), (ph, pw)
     raise ValueError(f"pool must be 'auto', None, 'features', 'tokens', an int or a (h, w) patch size; got {pool!r}")
 
 
