@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilrp_models import grad_x_input_bilrp, torchvision_models, zero_biases
-from explainers.bilrp import BiLRP, explain_pair
+from explainers.bilrp import BiLRP, explain_pair, penultimate_embedding
 
 torch.set_num_threads(1)
 
@@ -245,3 +245,20 @@ def test_refused_calls_name_the_node():
 
     with pytest.raises(TypeError, match="cannot be traced"):
         BiLRP(Branchy())
+
+
+def test_penultimate_embedding_of_a_model_with_its_own_forward():
+    """VGG-16 as shipped: phi is the classifier's input to its last Linear (4096 dims after ReLU and
+    Dropout), computed by a traced graph that shares the model's layers; the logits are W phi + b."""
+    tvm = torchvision_models()
+    torch.manual_seed(0)
+    model = tvm.vgg11(weights=None, num_classes=3).eval()
+    phi = penultimate_embedding(model)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        h = phi(x)
+        np.testing.assert_allclose(model.classifier[-1](h).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert h.shape == (2, 4096)
+    assert phi.get_submodule("features.0").weight is model.features[0].weight
+    with pytest.raises(ValueError, match="must return the output of an nn.Linear"):
+        penultimate_embedding(FunctionalResidual())  # ends in a ReLU

@@ -230,20 +230,45 @@ def pca_projection(embeddings: np.ndarray, k: int) -> np.ndarray:
     return vt[:k].T.astype(np.float32)
 
 
-def penultimate_embedding(classifier: nn.Sequential) -> nn.Sequential:
+def penultimate_embedding(classifier: nn.Module) -> nn.Module:
     """The classifier without its last Linear layer: phi(x) = the activations the logits are read from.
 
     For gradients restricted to the last Linear layer, the gradient-similarity kernel factorises
     exactly: <g(x), g(x')> = <delta, delta'> (<phi(x), phi(x')> + 1), delta = dLoss/dlogits, so
     BiLRP on this phi explains the input-dependent factor of a grad_dot match (docs/bilrp.md).
+
+    An ``nn.Sequential`` is sliced before its last Linear; any other model is traced with torch.fx and
+    must return the output of an ``nn.Linear`` module (torchvision's VGG and ResNet do): the returned
+    graph module computes that Linear's input. The layers are shared with ``classifier``, not copied.
     """
-    if not isinstance(classifier, nn.Sequential):
-        raise TypeError("penultimate_embedding needs an nn.Sequential classifier")
-    layers = list(classifier)
-    last = max((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), default=None)
-    if last is None or last == 0:
-        raise ValueError("the classifier needs a final Linear layer with layers before it")
-    return nn.Sequential(*layers[:last]).eval()
+    if isinstance(classifier, nn.Sequential):
+        layers = list(classifier)
+        last = max((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), default=None)
+        if last is None or last == 0:
+            raise ValueError("the classifier needs a final Linear layer with layers before it")
+        return nn.Sequential(*layers[:last]).eval()
+    if not isinstance(classifier, nn.Module):
+        raise TypeError(f"penultimate_embedding needs a torch.nn.Module, got {type(classifier).__name__}")
+    try:
+        gm = fx.symbolic_trace(classifier)
+    except Exception as exc:  # fx raises many kinds
+        raise TypeError(f"penultimate_embedding traces the classifier's forward with torch.fx, and it cannot be "
+                        f"traced ({type(exc).__name__}: {exc})") from None
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    last = out.args[0]
+    if not (isinstance(last, fx.Node) and last.op == "call_module"
+            and isinstance(gm.get_submodule(last.target), nn.Linear)):
+        raise ValueError("the classifier's forward must return the output of an nn.Linear layer (the logits), "
+                         f"got {getattr(last, 'name', last)!r}")
+    feed = last.args[0]
+    if not isinstance(feed, fx.Node) or feed.op == "placeholder":
+        raise ValueError("the classifier needs layers before its final Linear layer")
+    out.args = (feed,)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm.eval()
 
 
 def explain_pair(embedding_model: nn.Module, x: Any, x_other: Any, **opts: Any) -> BiLRPResult:

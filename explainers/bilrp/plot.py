@@ -13,10 +13,9 @@ def plot_pair(result: BiLRPResult, x: Any, x_other: Any, path: str | None = None
               title: str | None = None, negative: bool = True):
     """The paper's figure: both inputs side by side with lines joining their k strongest pooled pairs
     (red: positive relevance, blue: negative; width and opacity ∝ |R|). Images (C,H,W) or (H,W) only.
-    Saves a PNG to ``path`` when given; returns the matplotlib figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Saves a PNG to ``path`` when given; returns the matplotlib figure (built without pyplot, so the
+    caller's backend is left alone)."""
+    from matplotlib.figure import Figure
 
     def img(v: Any) -> np.ndarray:
         a = np.asarray(v, dtype=np.float32)
@@ -36,7 +35,8 @@ def plot_pair(result: BiLRPResult, x: Any, x_other: Any, path: str | None = None
     canvas = np.full(canvas_shape, 0.0 if A.ndim == 2 else 1.0, dtype=np.float32)  # white gap
     canvas[:H, :W] = A
     canvas[:B.shape[0], W + gap:] = B
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    fig = Figure(figsize=(6, 3.2), dpi=120)
+    ax = fig.subplots()
     ax.imshow(canvas, cmap="gray_r" if canvas.ndim == 2 else None, interpolation="nearest")
     ph, pw = result.pool
     gw_a, gw_b = result.pool_grid[1], result.pool_grid_other[1]
