@@ -1,10 +1,8 @@
 """Networks for the BiLRP tests and the benchmark: torchvision's models as shipped, and the
 gradient x input reference that LRP-0 equals on bias-free ReLU networks.
 
-torchvision from PyPI beside a CPU-only torch build cannot load its compiled ops, and its import then
-fails while registering fake kernels for ``torchvision::nms`` / ``qnms`` ("operator ... does not
-exist"). The model definitions are plain Python, so ``torchvision_models`` declares those two op
-schemas (no kernels: calling the ops still raises) and imports again; the tests only build models.
+torchvision from PyPI beside a CPU-only torch build cannot load its compiled ops; see
+``explainers._torchvision_compat`` for how its model classes stay importable.
 """
 
 from __future__ import annotations
@@ -15,22 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from explainers._torchvision_compat import ensure_torchvision_importable
+
 
 def torchvision_models() -> Any:
     """``torchvision.models``, importable even where torchvision's compiled ops are missing."""
-    try:
-        import torchvision.models as tvm
-        return tvm
-    except RuntimeError as exc:
-        if "torchvision::" not in str(exc):
-            raise
-    lib = torch.library.Library("torchvision", "FRAGMENT")  # kept alive below: the schemas live with it
-    for op in ("nms", "qnms"):
-        try:
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        except RuntimeError:
-            pass  # already declared
-    torchvision_models._lib = lib  # type: ignore[attr-defined]
+    ensure_torchvision_importable()
     import torchvision.models as tvm
     return tvm
 

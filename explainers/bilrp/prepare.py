@@ -38,10 +38,7 @@ saturated patch gives z = 0 exactly; see ``ZBoxExact``). Everything else:
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import operator
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,33 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from explainers._torchvision_compat import ensure_torchvision_importable
+
 RULES = ("zero", "epsilon", "gamma", "zb")
 
 
-def _load_zennit() -> None:
-    """Import zennit's core modules.
-
-    zennit's package ``__init__`` also imports its torchvision helpers (ResNet/VGG canonizers), which
-    import torchvision; a torchvision wheel whose compiled ops do not match the installed torch (PyPI's
-    torchvision beside a CPU-only torch build) fails right there. BiLRP uses none of those helpers, so
-    when that happens zennit's own modules are loaded without its package ``__init__``.
-    """
-    try:
-        importlib.import_module("zennit")
-        return
-    except ModuleNotFoundError as exc:
-        if exc.name == "zennit":
-            raise ImportError("BiLRP needs zennit (pip install zennit)") from None
-    except (ImportError, RuntimeError, OSError):
-        pass  # torchvision failed inside zennit/__init__: load the core modules directly
-    spec = importlib.util.find_spec("zennit")
-    pkg = importlib.util.module_from_spec(spec)  # the package object, its __init__ not run
-    sys.modules["zennit"] = pkg
-    for name in ("types", "core", "layer", "rules", "canonizers", "composites"):
-        setattr(pkg, name, importlib.import_module(f"zennit.{name}"))
-
-
-_load_zennit()
+ensure_torchvision_importable()  # zennit's __init__ imports torchvision
 
 from zennit.canonizers import MergeBatchNorm  # noqa: E402
 from zennit.core import BasicHook, Composite, ParamMod, Stabilizer  # noqa: E402
