@@ -414,7 +414,8 @@ def _fold_batchnorm(gm: fx.GraphModule) -> list[str]:
             raise ValueError(f"{node.target}: BatchNorm without running statistics (track_running_stats=False) "
                              "cannot be explained; LRP explains the eval-mode model")
         src = node.args[0]
-        if not (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules[src.target], _LINEAR_MODULES)
+        if not (isinstance(src, fx.Node) and src.op == "call_module"
+                and isinstance(modules[src.target], _LINEAR_MODULES)
                 and len(src.users) == 1):
             continue
         lin = modules[src.target]
@@ -445,7 +446,8 @@ def _feeding_relu_only(gm: fx.GraphModule) -> set[str]:
         for user in node.users:
             if user.op == "call_module":
                 m = modules[user.target]
-                if isinstance(m, nn.ReLU) or isinstance(m, Elementwise) and m.fn in (torch.relu, F.relu, torch.Tensor.relu):
+                relu_fns = (torch.relu, F.relu, torch.Tensor.relu)
+                if isinstance(m, nn.ReLU) or isinstance(m, Elementwise) and m.fn in relu_fns:
                     continue
                 if isinstance(m, routing) and reaches_relu(user):
                     continue
