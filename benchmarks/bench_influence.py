@@ -2,9 +2,12 @@
 
 Prints, each with a baseline measured in the same run:
 
-1. BiLRP time per pair on the digits CNN's penultimate embedding (256 dims): the batched pass vs
-   the brute-force loop (one modified-gradient backward per embedding dimension), and with a
-   low-rank projection (k = 32); plus the PNG of one explained pair.
+1. BiLRP time per pair (the zennit-based explainer against the previous explicit implementation
+   from tests/bilrp_reference.py, with and without a k = 32 projection, measured pair by pair in
+   turn) on the digits CNN's penultimate embedding (256 dims), with the brute-force loop (one
+   modified-gradient backward per embedding dimension) and the agreement of the three; the same on
+   torchvision's VGG-16 feature stack; VGG-16 end to end (its own forward, which the previous
+   implementation refuses) with a projection; the PNGs of one explained pair each.
 2. VAE-TracIn self-proponent share: the share of training digits that are their own strongest
    proponent under TracIn over the VAE's checkpoints (Kong & Chaudhuri report > 99%); baseline:
    the same with raw pixels (dot product). Also how often the strongest proponent / opponent of a
@@ -36,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _util import median_time  # noqa: E402
 
 
@@ -43,45 +47,123 @@ def _median_time(fn, repeats: int) -> float:
     return median_time(fn, repeats, warmup=0)
 
 
+def _interleaved(impls: dict, pairs: list, X, repeats: int) -> dict[str, float]:
+    """Median ms per pair of each implementation, measured pair by pair in turn (so load on a shared
+    machine hits all of them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for i, j in pairs:
+        for name, e in impls.items():
+            times[name].append(_median_time(lambda: e.explain(X[i], X[j]), repeats))
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def _print_table(title: str, ms: dict[str, float], baseline: str, extra: dict[str, str] | None = None) -> None:
+    print(title)
+    for name, v in ms.items():
+        ratio = "(baseline)" if name == baseline else f"x{ms[baseline] / v:.2f} vs {baseline}"
+        print(f"  {name:28s} {v:9.1f} ms/pair   {ratio}   {(extra or {}).get(name, '')}")
+
+
 def bench_bilrp(X, y, cnn, args, out_dir: Path) -> None:
+    """BiLRP (zennit-based) against the previous explicit implementation in the same run, with and
+    without a k = 32 projection, on the digits CNN and on torchvision's VGG-16; the pair figures."""
     import torch
 
-    from explainers.bilrp import BiLRP, bilrp_reference, pca_projection, penultimate_embedding, plot_pair
+    from bilrp_models import torchvision_models  # tests/: torchvision even without its compiled ops
+    from bilrp_reference import ExplicitBiLRP, bilrp_reference  # tests/: the previous implementation, the loop
+    from explainers.bilrp import BiLRP, pca_projection, penultimate_embedding, plot_pair
 
-    emb = penultimate_embedding(cnn)
-    opts = dict(rule=["gamma", "gamma", "epsilon"], input_rule="zb", bounds=(0.0, 1.0), pool=(4, 4))
-    e = BiLRP(emb, **opts)
     rng = np.random.default_rng(args.seed)
     pairs = [tuple(rng.choice(len(X), 2, replace=False)) for _ in range(args.pairs)]
-    e.explain(X[0], X[1])  # warm-up
-    t_batched = statistics.median(_median_time(lambda: e.explain(X[i], X[j]), args.repeats) for i, j in pairs)
-    ref_pairs = pairs[:max(1, args.pairs // 3)]
-    t_loop = statistics.median(_median_time(lambda: bilrp_reference(e, X[i], X[j]), 1) for i, j in ref_pairs)
-    diffs = []
-    for i, j in ref_pairs:
-        r, ref = e.explain(X[i], X[j]).relevance, bilrp_reference(e, X[i], X[j])
-        diffs.append(np.abs(r - ref).max() / np.abs(ref).max())
+
+    # 1. digits CNN, penultimate embedding (256 dims), the rules recommended for it
+    emb = penultimate_embedding(cnn)
+    opts = dict(rule=["gamma", "gamma", "epsilon"], input_rule="zb", bounds=(0.0, 1.0), pool=(4, 4))
     with torch.no_grad():
         E = emb(torch.as_tensor(X[:min(len(X), 500)])).numpy()
-    ep = BiLRP(emb, projection=pca_projection(E, 32), **opts)
-    t_proj = statistics.median(_median_time(lambda: ep.explain(X[i], X[j]), args.repeats) for i, j in pairs)
+    P = pca_projection(E, 32)
+    impls = {"zennit (this)": BiLRP(emb, **opts), "previous (explicit)": ExplicitBiLRP(emb, **opts),
+             "zennit, projection k=32": BiLRP(emb, projection=P, **opts),
+             "previous, projection k=32": ExplicitBiLRP(emb, projection=P, **opts)}
+    for e in impls.values():
+        e.explain(X[0], X[1])  # warm-up (the zennit explainer prepares its graph on the first input shape)
+    ms = _interleaved(impls, pairs, X, args.repeats)
+    ref_pairs = pairs[:max(1, args.pairs // 3)]
+    ms["brute-force loop (ref)"] = statistics.median(
+        _median_time(lambda: bilrp_reference(impls["previous (explicit)"], X[i], X[j]), 1) for i, j in ref_pairs) * 1e3
+    d_prev, d_loop = [], []
+    for i, j in ref_pairs:
+        r = impls["zennit (this)"].explain(X[i], X[j]).relevance
+        prev = impls["previous (explicit)"].explain(X[i], X[j]).relevance
+        ref = bilrp_reference(impls["previous (explicit)"], X[i], X[j])
+        d_prev.append(np.abs(r - prev).max() / np.abs(prev).max())
+        d_loop.append(np.abs(r - ref).max() / np.abs(ref).max())
     i, j = pairs[0]
-    full, proj = e.explain(X[i], X[j]), ep.explain(X[i], X[j])
-    active = int(np.sum((e.embed(X[i]) != 0) & (e.embed(X[j]) != 0)))
-    print(f"[bilrp] digits CNN penultimate embedding (256 dims, {active} active in both for pair 0), 4x4 patches")
-    print(f"  batched pass            {t_batched * 1e3:8.1f} ms/pair   speedup vs loop x{t_loop / t_batched:.1f}")
-    print(f"  brute-force loop (ref)  {t_loop * 1e3:8.1f} ms/pair   (baseline)")
-    print(f"  projection k=32         {t_proj * 1e3:8.1f} ms/pair   speedup vs loop x{t_loop / t_proj:.1f}; "
-          f"explains {proj.explained:.4g} of y = {full.similarity:.4g}")
-    print(f"  max |batched - loop| / max |loop| = {max(diffs):.2e}")
+    full, proj = impls["zennit (this)"].explain(X[i], X[j]), impls["zennit, projection k=32"].explain(X[i], X[j])
+    e0 = impls["zennit (this)"]
+    active = int(np.sum((e0.embed(X[i]) != 0) & (e0.embed(X[j]) != 0)))
+    _print_table(f"[bilrp] digits CNN penultimate embedding (256 dims, {active} active in both for pair 0), "
+                 f"4x4 patches, {len(pairs)} pairs", ms, "previous (explicit)",
+                 {"zennit, projection k=32": f"explains {proj.explained:.4g} of y = {full.similarity:.4g}"})
+    print(f"  max |zennit - previous| / max |previous| = {max(d_prev):.2e}; "
+          f"max |zennit - loop| / max |loop| = {max(d_loop):.2e}")
     same = [(a, b) for a in range(len(X)) for b in range(a + 1, len(X)) if y[a] == y[b]][:1]
     if same:
         a, b = same[0]
-        res = e.explain(X[a], X[b])
+        res = impls["zennit (this)"].explain(X[a], X[b])
         path = out_dir / "bilrp_pair.png"
         plot_pair(res, X[a], X[b], path=str(path), k=15,
                   title=f"BiLRP, digits CNN penultimate layer: {y[a]} vs {y[b]}, y = {res.similarity:.3g}")
         print(f"  plot: {path}")
+
+    # 2. torchvision VGG-16 as shipped, random init, digits padded to 3 x 32 x 32
+    tvm = torchvision_models()
+    torch.manual_seed(args.seed)
+    vgg = tvm.vgg16(weights=None, num_classes=10).eval()
+    Xv = np.repeat(np.pad(X[:64], ((0, 0), (0, 0), (2, 2), (2, 2))), 3, axis=1).astype(np.float32)
+    vopts = dict(rule=["gamma"] * 13 + ["epsilon"] * 2, input_rule="zb", bounds=(0.0, 1.0), pool=(4, 4))
+    vpairs = [(int(a) % len(Xv), int(b) % len(Xv)) for a, b in pairs[:args.vgg_pairs]]
+    with torch.no_grad():
+        Ef = vgg.features(torch.as_tensor(Xv)).reshape(len(Xv), -1).numpy()
+    Pf = pca_projection(Ef, 32)
+    fopts = dict(vopts, rule=["gamma"] * 13)
+    impls = {"zennit (this)": BiLRP(vgg.features, **fopts), "previous (explicit)": ExplicitBiLRP(vgg.features, **fopts),
+             "zennit, projection k=32": BiLRP(vgg.features, projection=Pf, **fopts),
+             "previous, projection k=32": ExplicitBiLRP(vgg.features, projection=Pf, **fopts)}
+    for e in impls.values():
+        e.explain(Xv[0], Xv[1])
+    ms = _interleaved(impls, vpairs, Xv, 1)
+    i, j = vpairs[0]
+    r, prev = impls["zennit (this)"].explain(Xv[i], Xv[j]), impls["previous (explicit)"].explain(Xv[i], Xv[j])
+    e0 = impls["zennit (this)"]
+    active = int(np.sum((e0.embed(Xv[i]) != 0) & (e0.embed(Xv[j]) != 0)))
+    _print_table(f"[bilrp] VGG-16 features (nn.Sequential: 13 conv + 5 max-pool, random init), 3x32x32, 512 dims "
+                 f"({active} active in both for pair 0), {len(vpairs)} pairs", ms, "previous (explicit)")
+    print(f"  max |zennit - previous| / max |previous| = "
+          f"{np.abs(r.relevance - prev.relevance).max() / np.abs(prev.relevance).max():.2e}")
+
+    phi = penultimate_embedding(vgg)  # the shipped forward: features, avgpool, flatten, classifier[:-1]
+    try:
+        ExplicitBiLRP(phi, **vopts)
+        refused = "accepted"
+    except TypeError as exc:
+        refused = f"refused: {str(exc).split(';')[0]}"
+    with torch.no_grad():
+        Ep = phi(torch.as_tensor(Xv)).numpy()
+    e2e = BiLRP(phi, projection=pca_projection(Ep, 32), **vopts)
+    e2e.explain(Xv[0], Xv[1])
+    ms = {"zennit, projection k=32": statistics.median(
+        _median_time(lambda: e2e.explain(Xv[a], Xv[b]), 1) for a, b in vpairs) * 1e3}
+    print(f"[bilrp] VGG-16 end to end (torchvision forward up to the last Linear, 4096 dims), 3x32x32, "
+          f"{len(vpairs)} pairs; previous implementation {refused}")
+    print(f"  {'zennit, projection k=32':28s} {ms['zennit, projection k=32']:9.1f} ms/pair")
+    a, b = next((a, b) for a in range(len(Xv)) for b in range(a + 1, len(Xv)) if y[a] == y[b])
+    res = e2e.explain(Xv[a], Xv[b])
+    path = Path(args.figures) / "bilrp_vgg16_pair.png" if args.figures else out_dir / "bilrp_vgg16_pair.png"
+    plot_pair(res, Xv[a], Xv[b], path=str(path), k=15,
+              title=f"BiLRP, VGG-16 (random init) end to end, PCA k=32: {y[a]} vs {y[b]}, "
+                    f"explains {res.explained:.3g} of y = {res.similarity:.3g}")
+    print(f"  plot: {path}")
 
 
 def _tracin_gram(make_model, ckpts, X, Y, lr: float, task: str, loss_fn, Xq=None, Yq=None):
@@ -269,9 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "gradindex-bench"))
     ap.add_argument("--only", choices=["bilrp", "vae", "cnn"], default=None)
+    ap.add_argument("--figures", default=None, help="folder for the VGG-16 pair figure (default: --out)")
     args = ap.parse_args(argv)
     q = args.quick
     args.pairs, args.repeats = (3, 2) if q else (10, 3)
+    args.vgg_pairs = 1  # a VGG-16 pair without projection takes minutes on one core
     args.n_vae, args.n_cnn, args.n_query = (150, 400, 40) if q else (500, 1000, 200)
     args.cnn_epochs, args.vae_epochs = (3, 6) if q else (3, 30)
     args.sgd_epochs, args.sgd_ckpts, args.vae_samples = (40, 4, 8) if q else (400, 10, 64)
