@@ -10,10 +10,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from explainers._torchvision_compat import ensure_torchvision_importable
-
-ensure_torchvision_importable()  # before zennit or transformers import torchvision (see that module)
-
 _WHERE = {
     "GradientSimilarity": "explainers.similarity",
     "Explanation": "explainers.explanation",

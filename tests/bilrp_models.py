@@ -2,7 +2,7 @@
 gradient x input reference that LRP-0 equals on bias-free ReLU networks.
 
 torchvision from PyPI beside a CPU-only torch build cannot load its compiled ops; see
-``explainers._torchvision_compat`` for how its model classes stay importable.
+``indexer.compat`` for how its model classes stay importable.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from explainers._torchvision_compat import ensure_torchvision_importable
+from indexer.compat import ensure_torchvision_importable
 
 
 def torchvision_models() -> Any:

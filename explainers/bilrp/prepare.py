@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from explainers._torchvision_compat import ensure_torchvision_importable
+from indexer.compat import ensure_torchvision_importable
 
 RULES = ("zero", "epsilon", "gamma", "zb")
 
