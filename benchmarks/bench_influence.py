@@ -106,7 +106,7 @@ def _tracin_gram(make_model, ckpts, X, Y, lr: float, task: str, loss_fn, Xq=None
 
 def _vae_check(tag, vae, ckpts, Xt, n_samples):
     """Self-proponent share of TracIn over the VAE checkpoints, with the diagnostics behind it."""
-    from indexer.diagnostics import self_proponent_rate, vae_tracin
+    from indexer.influence import self_proponent_rate, vae_tracin
 
     t = time.perf_counter()
     tr = vae_tracin(ckpts, vae.train_lr, n_samples=n_samples, noise_seed=1, chunk_size=128)
@@ -140,7 +140,7 @@ def bench_vae(X, y, args, tmp: Path) -> None:
     Xt, yt = X[:n], y[:n]
     Xq, yq = X[n:n + args.n_query], y[n:n + args.n_query]
     P = Xt.reshape(n, -1).astype(np.float64)
-    from indexer.diagnostics import self_proponent_rate
+    from indexer.influence import self_proponent_rate
 
     pix = self_proponent_rate(P @ P.T)
     print(f"[vae-tracin] VAE 784-128-8, {n} training digits, S={args.vae_samples} encoder samples for the loss; "
@@ -168,7 +168,7 @@ def bench_vae(X, y, args, tmp: Path) -> None:
 def _identical_class(model, Xt, yt, Xq, loss, sub_t=None, sub_q=None):
     """Hanawa et al.'s identical-class test per kernel: the top training example (by its given
     label's gradient) has the class the model predicts for the test example."""
-    from indexer.diagnostics import identical_class_rate
+    from indexer.influence import identical_class_rate
     from indexer.engine import make_engine
     from indexer.kernels import KERNELS, scores
 
@@ -192,7 +192,7 @@ def bench_cnn(X, y, args, tmp: Path) -> None:
     import torch
 
     from indexer.demo import digits_cnn_torch, train_digits_cnn
-    from indexer.diagnostics import TracIn, mislabel_auc, precision_at_k
+    from indexer.influence import TracIn, mislabel_auc, precision_at_k
 
     n, m = args.n_cnn, args.n_query
     Xt, yt = X[:n], y[:n]
