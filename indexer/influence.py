@@ -84,11 +84,15 @@ class TracIn:
     (``task="unsupervised", loss_fn=None`` when the model outputs its per-example loss, e.g.
     :func:`indexer.vae.vae_loss_model`). For classification queries without labels, the target is
     the *last* checkpoint's predicted class (the model being explained), used at every checkpoint.
+
+    ``query_models`` (optional, one per checkpoint, same parameters): the models whose gradients
+    stand for the *queries* — the same weights with another estimator of a stochastic loss, e.g. a
+    VAE whose encoder noise is drawn independently of the training gradients'. Default: ``models``.
     """
 
     def __init__(self, models: Sequence[Any], lrs: Sequence[float] | float, loss_fn: Any = None,
                  task: str = "classification", params: Sequence[str] | str | None = None,
-                 chunk_size: int = 256) -> None:
+                 chunk_size: int = 256, query_models: Sequence[Any] | None = None) -> None:
         from indexer.engine import make_engine
 
         models = list(models)
@@ -108,6 +112,15 @@ class TracIn:
         if len(dims) != 1:
             raise ValueError(f"the checkpoints select different parameter counts {sorted(dims)}: same model, please")
         self.chunk_size = int(chunk_size)
+        self.query_engines = self.engines
+        if query_models is not None:
+            query_models = list(query_models)
+            if len(query_models) != len(models):
+                raise ValueError(f"{len(models)} checkpoints but {len(query_models)} query models: one per checkpoint")
+            self.query_engines = [make_engine(m, loss_fn, task=task, params=params, chunk_size=chunk_size)
+                                  for m in query_models]
+            if {e.dim for e in self.query_engines} != dims:
+                raise ValueError("the query models select other parameters than the checkpoints: same model, please")
 
     @classmethod
     def from_checkpoints(cls, make_model: Callable[[], Any], paths: Sequence[str | Path], lrs: Sequence[float] | float,
@@ -132,7 +145,7 @@ class TracIn:
 
     # ---- scores ------------------------------------------------------------------------------
     def _query_grads(self, Xq: np.ndarray, Yq: np.ndarray | None) -> list[np.ndarray]:
-        return [e.grads(Xq, Yq).astype(np.float64) for e in self.engines]
+        return [e.grads(Xq, Yq).astype(np.float64) for e in self.query_engines]
 
     def scores(self, Xq: Any, X: Any, Yq: Any = None, Y: Any = None) -> np.ndarray:
         """TracIn scores (m, n) of queries Xq against training examples X: Σ_c lr_c g_c(q)·g_c(x)."""
@@ -148,24 +161,28 @@ class TracIn:
         return S
 
     def gram(self, X: Any, Y: Any = None) -> np.ndarray:
-        """TracIn scores (n, n) of the training set against itself (diagonal: self-influence)."""
+        """TracIn scores (n, n) of the training set against itself: row i = example i as the query
+        (diagonal: self-influence)."""
         X = np.asarray(X)
         Y = self.targets(X, Y)
         n = len(X)
         S = np.zeros((n, n))
-        for e, lr in zip(self.engines, self.lrs):
-            G = e.grads(X, Y)
-            S += lr * (G @ G.T).astype(np.float64)
+        for e, q, lr in zip(self.engines, self.query_engines, self.lrs):
+            G = e.grads(X, Y).astype(np.float64)
+            Gq = G if q is e else q.grads(X, Y).astype(np.float64)
+            S += lr * (Gq @ G.T)
         return S
 
     def self_influence(self, X: Any, Y: Any = None) -> np.ndarray:
-        """Σ_c lr_c‖g_c(x)‖² per example (n,)."""
+        """Σ_c lr_c‖g_c(x)‖² per example (n,); with separate query models Σ_c lr_c g_c^query(x)·g_c(x)
+        (the diagonal of :meth:`gram`)."""
         X = np.asarray(X)
         Y = self.targets(X, Y)
         out = np.zeros(len(X))
-        for e, lr in zip(self.engines, self.lrs):
+        for e, q, lr in zip(self.engines, self.query_engines, self.lrs):
             for s, G in e.iter_grads(X, Y, reuse_buffer=True):
-                out[s:s + len(G)] += lr * np.einsum("ij,ij->i", G, G, dtype=np.float64)
+                Gq = G if q is e else q.grads(X[s:s + len(G)], None if Y is None else Y[s:s + len(G)])
+                out[s:s + len(G)] += lr * np.einsum("ij,ij->i", Gq, G, dtype=np.float64)
         return out
 
     def influence(self, Xq: Any, X: Any, Yq: Any = None, Y: Any = None, k: int = 5) -> Influence:
@@ -265,9 +282,11 @@ def identical_class_rate(S: Any, train_labels: Any, query_classes: Any) -> float
 
 
 # ---- the unsupervised model ---------------------------------------------------------------------
-def load_vae(path: str | Path, n_samples: int | None = None, noise_seed: int | None = None):
+def load_vae(path: str | Path, n_samples: int | None = None, noise_seed: int | None = None,
+             noise: str = "per_example"):
     """An :class:`indexer.vae.VAE` rebuilt from a checkpoint's state_dict (sizes read from its shapes),
-    as the per-example-loss module (``vae_loss_model``), optionally with more encoder samples."""
+    as the per-example-loss module (``vae_loss_model``) with ``n_samples`` encoder samples (default:
+    the checkpoint's), noise mode ``noise`` and seed ``noise_seed`` (default 0)."""
     import torch
 
     from indexer.vae import VAE, vae_loss_model
@@ -279,17 +298,27 @@ def load_vae(path: str | Path, n_samples: int | None = None, noise_seed: int | N
         S = sd["noise"].shape[0]
     except KeyError as exc:
         raise ValueError(f"{path} is not an indexer.vae.VAE checkpoint (missing {exc})") from None
-    vae = VAE(int(input_dim), hidden=int(hidden), latent=int(latent), n_samples=int(S))
+    vae = VAE(int(input_dim), hidden=int(hidden), latent=int(latent), n_samples=int(S), noise=noise)
     vae.load_state_dict(sd)
-    return vae_loss_model(vae, n_samples=n_samples, noise_seed=noise_seed)
+    return vae_loss_model(vae, n_samples=n_samples, noise_seed=0 if noise_seed is None else noise_seed)
 
 
 def vae_tracin(paths: Sequence[str | Path], lrs: Sequence[float] | float, n_samples: int | None = None,
-               noise_seed: int | None = None, chunk_size: int = 256) -> TracIn:
+               noise_seed: int | None = None, chunk_size: int = 256, noise: str = "per_example",
+               query_noise_seed: int | None = None) -> TracIn:
     """VAE-TracIn (Kong & Chaudhuri 2021) over VAE checkpoint files: the loss is the negative ELBO
-    averaged over ``n_samples`` encoder samples (the checkpoint's own fixed noise unless given)."""
-    models = [load_vae(p, n_samples=n_samples, noise_seed=noise_seed) for p in paths]
-    return TracIn(models, lrs, loss_fn=None, task="unsupervised", chunk_size=chunk_size)
+    averaged over ``n_samples`` encoder samples (default: the checkpoint's count).
+
+    ``noise="per_example"`` (default) gives every example its own draws (see :mod:`indexer.vae`);
+    with ``query_noise_seed`` set (and different from ``noise_seed``), query gradients use draws
+    independent of the training gradients' even for the same example — fresh noise for every
+    gradient, as in the paper, so a self-influence TracIn(x, x) is not inflated by the noise's own
+    square. ``noise="shared"``: one set of draws for every example (for comparison)."""
+    models = [load_vae(p, n_samples=n_samples, noise_seed=noise_seed, noise=noise) for p in paths]
+    qmodels = None
+    if query_noise_seed is not None and query_noise_seed != noise_seed:
+        qmodels = [load_vae(p, n_samples=n_samples, noise_seed=query_noise_seed, noise=noise) for p in paths]
+    return TracIn(models, lrs, loss_fn=None, task="unsupervised", chunk_size=chunk_size, query_models=qmodels)
 
 
 # ---- over a built index (CLI and server) ---------------------------------------------------------

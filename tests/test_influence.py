@@ -72,7 +72,7 @@ def test_unsupervised_vae_self_influence(tmp_path):
     build_index(cfg, tmp_path / "wd", progress=False)
     vae = load_tiny(tmp_path, "build_vae", "vae.pt")
     assert isinstance(vae, VAE)
-    G = loop_grads(vae, None, X, None)  # loss = the model's own output (negative ELBO over 4 encoder samples)
+    G = loop_grads(vae, None, X, None)  # loss = the model's own output (negative ELBO, 64 encoder samples each)
     idx = open_index(tmp_path / "wd", "vae")
     np.testing.assert_allclose(idx.vectors()[0], G, rtol=1e-4, atol=1e-6)
     si = (G.astype(np.float64) ** 2).sum(1)
