@@ -298,9 +298,10 @@ def load_vae(path: str | Path, n_samples: int | None = None, noise_seed: int | N
         S = sd["noise"].shape[0]
     except KeyError as exc:
         raise ValueError(f"{path} is not an indexer.vae.VAE checkpoint (missing {exc})") from None
-    vae = VAE(int(input_dim), hidden=int(hidden), latent=int(latent), n_samples=int(S), noise=noise)
-    vae.load_state_dict(sd)
-    return vae_loss_model(vae, n_samples=n_samples, noise_seed=0 if noise_seed is None else noise_seed)
+    vae = VAE(int(input_dim), hidden=int(hidden), latent=int(latent), n_samples=int(S),
+              noise_seed=0 if noise_seed is None else int(noise_seed), noise=noise)
+    vae.load_state_dict(sd)  # the shared-noise buffer too: kept unless n_samples / noise_seed redraw it
+    return vae_loss_model(vae, n_samples=n_samples, noise_seed=noise_seed)
 
 
 def vae_tracin(paths: Sequence[str | Path], lrs: Sequence[float] | float, n_samples: int | None = None,

@@ -58,6 +58,22 @@ def test_tracin_scores_proponents_opponents_vs_loop_over_checkpoints():
     np.testing.assert_array_equal(ids, np.argsort(-si_ref, kind="stable"))
 
 
+def test_query_models_give_the_query_side_of_every_score():
+    """With query_models, a score is Σ_c lr_c g_c^query(q)·g_c(x): query gradients from the query
+    models, training gradients from the checkpoints (a per-example loop on each side)."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(9, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 9)
+    models, qmodels, lrs = [_mlp(1), _mlp(2)], [_mlp(5), _mlp(6)], [0.5, 0.25]
+    tr = TracIn(models, lrs, CE, chunk_size=4, query_models=qmodels)
+    ref = sum(lr * _loop(q, CE, X, y) @ _loop(m, CE, X, y).T for m, q, lr in zip(models, qmodels, lrs))
+    np.testing.assert_allclose(tr.scores(X, X, y, y), ref, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(tr.gram(X, y), ref, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(tr.self_influence(X, y), np.diag(ref), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="one per checkpoint"):
+        TracIn(models, lrs, CE, query_models=qmodels[:1])
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="learning rates"):
         TracIn([_mlp(0), _mlp(1)], [0.1], CE)
@@ -149,6 +165,18 @@ def test_unsupervised_vae_tracin_vs_loop(tmp_path):
     tr64 = vae_tracin(paths, lrs=0.01, n_samples=64, noise_seed=3)
     assert tr64.engines[0].dim == tr.engines[0].dim
     np.testing.assert_allclose(tr64.self_influence(X[:4]), tr64.self_influence(X[:4]), rtol=0)
+    # fresh draws for the queries: query gradients from the same weights with noise_seed 7
+    trq = vae_tracin(paths, lrs=[0.01, 0.02], chunk_size=10, query_noise_seed=7)
+    qmods = []
+    for p in paths:
+        m = VAE(16, hidden=5, latent=2, n_samples=3, noise_seed=7)
+        m.load_state_dict(torch.load(p, weights_only=True))
+        qmods.append(m.eval())
+    Gq7 = [_loop(m, neg_elbo, X) for m in qmods]
+    ref7 = 0.01 * Gq7[0] @ G[0].T + 0.02 * Gq7[1] @ G[1].T
+    np.testing.assert_allclose(trq.gram(X), ref7, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(trq.self_influence(X), np.diag(ref7), rtol=1e-4, atol=1e-8)
+    assert not np.allclose(ref7, gram, rtol=1e-3)  # other draws, other scores
 
 
 def test_cli_proponents_and_ranking_over_a_tracin_index(tmp_path, capsys):
