@@ -9,7 +9,7 @@ Prints, in one run, one thread:
   its kernel), and alibi 0.9.6 itself when a separate environment with it is given (--alibi-python);
 - peak memory of fit as a multiple of what it stores (measured in fresh subprocesses).
 
-Targets (issue 3): engine >= 2.5x the loop and >= 0.6x the ceiling (PyTorch, one thread);
+Targets: engine >= 2.5x the loop and >= 0.6x the ceiling (PyTorch, one thread);
 explain of one query over 1,000 precomputed <= 10 ms and >= 7x alibi's approach; fit peak memory
 <= 1.2x its store (alibi: ~2.2x its full matrix).
 """

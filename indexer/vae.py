@@ -7,18 +7,31 @@ l(x) = -ELBO(x), estimated by averaging over several encoder samples. Here:
 
 with a Bernoulli decoder (binary cross-entropy with logits, summed over the 784 pixels; the digits
 are grey levels in [0, 1], used as Bernoulli means as is customary for MNIST VAEs) and the KL term in
-closed form. The S noise vectors eps_s are a fixed buffer drawn once from a seeded generator and
-shared by all examples, so the loss of an example is a deterministic function of the example and the
-weights: gradients of queries are reproducible, and per-example gradients do not depend on the batch.
-Training itself draws fresh noise every step (a seeded generator), as a VAE is normally trained.
+closed form.
 
-The model's ``forward`` returns the per-example loss (n,), so the gradient engine takes it as
-``make_engine(vae_loss_model(vae), None, task="unsupervised")``.
+Where the S noise vectors eps_s come from (``noise=``):
+
+* ``"per_example"`` (default): every example draws its own S vectors, from a generator seeded by
+  ``noise_seed`` and a hash of the example's bytes. Draws of different examples are independent, as
+  fresh noise per gradient is; yet the loss of an example is a deterministic function of the
+  example, the weights and ``noise_seed`` — the same bits whatever batch or chunk it is computed in,
+  so builds resume and queries reproduce. Two models with different ``noise_seed`` give the same
+  example independent draws (TracIn's query and training gradients, see
+  :func:`indexer.influence.vae_tracin`).
+* ``"shared"``: one buffer of S vectors drawn once and used by every example. Cheaper to reason
+  about, but every gradient then carries the error of the same S draws: a common direction shared
+  by all per-example gradients, which TracIn's dot products pick up (measured in
+  benchmarks/bench_influence.py; kept for that comparison).
+
+Training itself draws fresh noise for every example at every step (a seeded generator), as a VAE is
+normally trained. The model's ``forward`` returns the per-example loss (n,), so the gradient engine
+takes it as ``make_engine(vae_loss_model(vae), None, task="unsupervised")``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -26,24 +39,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["VAE", "train_vae", "vae_loss_model"]
+__all__ = ["VAE", "train_vae", "vae_loss_model", "NOISE_MODES"]
+
+NOISE_MODES = ("per_example", "shared")
 
 
 class VAE(nn.Module):
     """MLP VAE: encoder input -> hidden -> (mu, log sigma^2), decoder latent -> hidden -> pixel logits.
 
-    ``forward(x)`` returns the per-example negative ELBO (n,) averaged over the ``n_samples`` fixed
-    noise vectors in the ``noise`` buffer. Inputs: (n, 1, 28, 28) or anything that flattens to
-    (n, input_dim), values in [0, 1].
+    ``forward(x)`` returns the per-example negative ELBO (n,) averaged over ``n_samples`` encoder
+    samples: each example's own draws (``noise="per_example"``) or the ``noise`` buffer shared by all
+    (``noise="shared"``); see the module docstring. Inputs: (n, 1, 28, 28) or anything that flattens
+    to (n, input_dim), values in [0, 1].
     """
 
     def __init__(self, input_dim: int = 784, hidden: int = 128, latent: int = 8, n_samples: int = 8,
-                 noise_seed: int = 0) -> None:
+                 noise_seed: int = 0, noise: str = "per_example") -> None:
         super().__init__()
         if min(input_dim, hidden, latent, n_samples) < 1:
             raise ValueError(f"input_dim, hidden, latent and n_samples must be >= 1, got "
                              f"{input_dim}, {hidden}, {latent}, {n_samples}")
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
         self.input_dim, self.latent = int(input_dim), int(latent)
+        self.noise_mode, self.noise_seed = noise, int(noise_seed)
         self.enc = nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent))
         self.dec = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, input_dim))
         g = torch.Generator().manual_seed(int(noise_seed))
@@ -65,11 +84,31 @@ class VAE(nn.Module):
         mu, logvar = self.enc(self._flat(x)).chunk(2, dim=-1)
         return mu, logvar
 
+    def example_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder noise the loss uses for each example of x: (n, S, latent).
+
+        ``per_example``: drawn from ``numpy.random.default_rng([noise_seed, h0, h1])`` with (h0, h1)
+        a 128-bit BLAKE2b hash of the example's float32 bytes; ``shared``: the buffer, repeated."""
+        xf = self._flat(x)
+        n, S = xf.shape[0], self.n_samples
+        if self.noise_mode == "shared":
+            return self.noise[None].expand(n, S, self.latent)
+        rows = np.ascontiguousarray(xf.detach().cpu().numpy().astype(np.float32))
+        eps = np.empty((n, S, self.latent))
+        for i in range(n):
+            h = hashlib.blake2b(rows[i].tobytes(), digest_size=16).digest()
+            key = [self.noise_seed, int.from_bytes(h[:8], "little"), int.from_bytes(h[8:], "little")]
+            eps[i] = np.random.default_rng(key).standard_normal((S, self.latent))
+        return torch.as_tensor(eps, dtype=self.noise.dtype, device=self.noise.device)
+
     def neg_elbo(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Per-example negative ELBO (n,) with the reparameterization noise ``eps`` (S, latent)."""
+        """Per-example negative ELBO (n,) with the reparameterization noise ``eps``: (S, latent)
+        shared by all examples, or (n, S, latent), one set per example."""
         xf = self._flat(x)
         mu, logvar = self.encode(xf)
-        z = mu[:, None, :] + torch.exp(0.5 * logvar)[:, None, :] * eps[None, :, :]  # (n, S, latent)
+        if eps.dim() == 2:
+            eps = eps[None]
+        z = mu[:, None, :] + torch.exp(0.5 * logvar)[:, None, :] * eps  # (n, S, latent)
         logits = self.dec(z)  # (n, S, input_dim)
         rec = F.binary_cross_entropy_with_logits(logits, xf[:, None, :].expand_as(logits), reduction="none")
         rec = rec.sum(-1).mean(-1)
@@ -87,7 +126,7 @@ class VAE(nn.Module):
         return rec + kl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.neg_elbo(x, self.noise)
+        return self.neg_elbo(x, self.example_noise(x))
 
 
 def _check_X(X: np.ndarray) -> np.ndarray:
@@ -103,7 +142,7 @@ def _check_X(X: np.ndarray) -> np.ndarray:
 
 def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[str] | None = None,
               lr: float = 2e-3, batch_size: int = 64, hidden: int = 128, latent: int = 8,
-              n_samples: int = 8, optimizer: str = "adam") -> VAE:
+              n_samples: int = 8, optimizer: str = "adam", noise: str = "per_example") -> VAE:
     """Train a VAE on X (n, 1, 28, 28) in [0, 1]; return it in eval mode.
 
     ``optimizer``: "adam" (default) or "sgd" (plain SGD, no momentum: the VAE-TracIn paper's
@@ -111,8 +150,9 @@ def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[
     docs/influence.md for why it matters to the self-proponent check). Every example of a batch
     draws its own reparameterization noise (one sample per example and step).
 
-    Deterministic for a given seed (weights, batch order and training noise are seeded; the fixed
-    noise buffer of the loss is seeded by ``seed`` too). ``checkpoints``: optional paths where the
+    Deterministic for a given seed (weights, batch order and training noise are seeded; the noise
+    of the loss is seeded by ``seed`` too, ``noise`` picks its mode: see :class:`VAE`).
+    ``checkpoints``: optional paths where the
     state_dict is saved at evenly spaced epochs, the last after the final epoch (one per epoch when
     there are ``epochs`` of them), for TracIn; the learning rate is ``lr`` at every checkpoint,
     recorded as ``vae.train_lr``.
@@ -129,7 +169,8 @@ def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[
     # evenly spaced, the last one after the final epoch (every epoch when C == epochs)
     save_at = {round((k + 1) * epochs / C): p for k, p in enumerate(checkpoints)} if C else {}
     torch.manual_seed(seed)
-    vae = VAE(int(np.prod(X.shape[1:])), hidden=hidden, latent=latent, n_samples=n_samples, noise_seed=seed)
+    vae = VAE(int(np.prod(X.shape[1:])), hidden=hidden, latent=latent, n_samples=n_samples, noise_seed=seed,
+              noise=noise)
     opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(vae.parameters(), lr=lr)
     Xt = torch.as_tensor(X.reshape(len(X), -1))
     g = torch.Generator().manual_seed(seed)
@@ -150,22 +191,31 @@ def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[
     return vae
 
 
-def vae_loss_model(vae: VAE, n_samples: int | None = None, noise_seed: int | None = None) -> VAE:
+def vae_loss_model(vae: VAE, n_samples: int | None = None, noise_seed: int | None = None,
+                   noise: str | None = None) -> VAE:
     """The module whose output is the per-example loss (negative ELBO), for the gradient engine
     (``make_engine(vae_loss_model(vae), None, task="unsupervised")``).
 
     That is the VAE itself in eval mode (same parameter names as its checkpoints' state_dicts, so
-    TracIn can load them). With ``n_samples`` / ``noise_seed``, a copy whose fixed noise buffer is
-    redrawn (more samples: a lower-variance ELBO estimate, as Kong & Chaudhuri recommend).
+    TracIn can load them). With ``n_samples`` / ``noise_seed`` / ``noise``, a copy with that many
+    encoder samples (more: a lower-variance ELBO estimate, as Kong & Chaudhuri recommend), that
+    seed (another seed: independent draws for the same examples) and that noise mode.
     """
     if not isinstance(vae, VAE):
         raise TypeError(f"vae_loss_model needs an indexer.vae.VAE, got {type(vae).__name__}")
-    if n_samples is None and noise_seed is None:
+    if n_samples is None and noise_seed is None and noise is None:
         return vae.eval()
     out = copy.deepcopy(vae)
     S = vae.n_samples if n_samples is None else int(n_samples)
     if S < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    gen = torch.Generator().manual_seed(0 if noise_seed is None else int(noise_seed))
-    out.noise = torch.randn(S, vae.latent, generator=gen, dtype=vae.noise.dtype)
+    if noise is not None:
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+        out.noise_mode = noise
+    if noise_seed is not None:
+        out.noise_seed = int(noise_seed)
+    if n_samples is not None or noise_seed is not None:
+        gen = torch.Generator().manual_seed(0 if noise_seed is None else int(noise_seed))
+        out.noise = torch.randn(S, vae.latent, generator=gen, dtype=vae.noise.dtype)
     return out.eval()

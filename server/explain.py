@@ -159,8 +159,8 @@ def pair(served: Served, request: pb.ExplainPairRequest, cfg: ServerConfig | Non
     try:
         embedding = penultimate_embedding(served.index.model())
     except (TypeError, ValueError) as exc:
-        raise RpcError(SC.FAILED_PRECONDITION, f"BiLRP needs an nn.Sequential classifier ending in a Linear "
-                       f"layer: {exc}") from None
+        raise RpcError(SC.FAILED_PRECONDITION, f"BiLRP needs a PyTorch classifier whose output is a Linear "
+                       f"layer and whose forward torch.fx can trace: {exc}") from None
     opts = params_of(request.options) if request.HasField("options") else {}
     if isinstance(opts.get("bounds"), list):
         opts["bounds"] = tuple(opts["bounds"])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from explainers.bilrp import (BiLRP, bilrp_reference, explain_pair, pca_projection, penultimate_embedding,
-                              plot_pair)
+from bilrp_reference import bilrp_reference
+from explainers.bilrp import BiLRP, explain_pair, pca_projection, penultimate_embedding, plot_pair
 
 torch.set_num_threads(1)
 
@@ -107,7 +107,7 @@ def test_batched_equals_bruteforce_loop(opts):
     xa, xb = _images(5)
     e = BiLRP(_full_cnn(), dtype=torch.float64, batch_size=3, **opts)  # batch_size 3: several seed chunks
     res = e.explain(xa, xb)
-    ref = bilrp_reference(e, xa, xb)
+    ref = bilrp_reference(_full_cnn(), xa, xb, dtype=torch.float64, **opts)
     assert np.abs(ref).max() > 0
     np.testing.assert_allclose(res.relevance, ref, rtol=1e-8, atol=1e-12 * np.abs(ref).max())
 
@@ -159,7 +159,8 @@ def test_projection_full_rank_is_exact_and_low_rank_is_conserved():
     assert low.explained == pytest.approx(float((Q[:, :3].T @ phi_a) @ (Q[:, :3].T @ phi_b)), rel=1e-9)
     assert low.total == pytest.approx(low.explained, rel=1e-3)
     assert low.r_x.shape[0] == 3
-    np.testing.assert_allclose(low.relevance, bilrp_reference(e, xa, xb), rtol=1e-8, atol=1e-14)
+    ref = bilrp_reference(m, xa, xb, rule="zero", dtype=torch.float64, projection=Q[:, :3])
+    np.testing.assert_allclose(low.relevance, ref, rtol=1e-8, atol=1e-14)
     P = pca_projection(np.random.default_rng(1).normal(size=(20, 8)), 4)
     assert P.shape == (8, 4) and np.allclose(P.T @ P, np.eye(4), atol=1e-5)
 
@@ -207,9 +208,9 @@ def test_explain_pair_validates_input():
     with pytest.raises(ValueError, match="unknown LRP rule"):
         explain_pair(m, xa, xb, rule="alpha")
     with pytest.raises(TypeError, match="does not support layer"):
-        BiLRP(nn.Sequential(nn.Linear(3, 3), nn.Tanh()))
-    with pytest.raises(TypeError, match="nn.Sequential"):
-        BiLRP(nn.Linear(3, 3))
+        BiLRP(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        BiLRP(lambda x: x)
 
 
 def test_plot_pair_draws_top_pairs(tmp_path):
@@ -240,6 +241,22 @@ def test_zb_on_saturated_pixels_is_stable():
     scale = np.abs(r64).max()
     assert scale > 0
     assert np.abs(r32 - r64).max() < 1e-4 * scale
-    np.testing.assert_allclose(r64, bilrp_reference(e64, *imgs), rtol=1e-8, atol=1e-12 * scale)
+    np.testing.assert_allclose(r64, bilrp_reference(m, *imgs, dtype=torch.float64, **opts), rtol=1e-8,
+                               atol=1e-12 * scale)
     with pytest.raises(ValueError, match="outside the z"):
         e64.explain(imgs[0] * 2 - 0.5, imgs[1])
+
+
+def test_explanation_envelope_carries_result_and_params():
+    """``BiLRP.explanation`` gives alibi's ``Explanation(meta, data)``: data keys double as attributes."""
+    from explainers import Explanation
+
+    xa, xb = _images()
+    e = BiLRP(_bias_free_cnn(), rule="zero", pool=(3, 3), dtype=torch.float64)
+    exp = e.explanation(xa, xb)
+    res = e.explain(xa, xb)
+    assert isinstance(exp, Explanation)
+    assert exp.meta["name"] == "BiLRP" and exp.meta["params"]["rules"] == ["zero"] * 3
+    np.testing.assert_array_equal(exp.pooled, res.pooled)
+    assert exp.similarity == res.similarity and exp.data["total"] == pytest.approx(res.total)
+    assert exp.top_pairs == res.top_pairs(20, "abs")

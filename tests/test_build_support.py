@@ -34,7 +34,7 @@ MODEL_PY = textwrap.dedent('''
 
     def build_vae():
         from indexer.vae import VAE
-        return VAE(input_dim=64, hidden=12, latent=3, n_samples=4, noise_seed=1)
+        return VAE(input_dim=64, hidden=12, latent=3, n_samples=64, noise_seed=1)
 ''')
 
 

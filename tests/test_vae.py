@@ -18,9 +18,17 @@ def _sigmoid(t: float) -> float:
     return 1.0 / (1.0 + math.exp(-t))
 
 
-def test_neg_elbo_matches_hand_computation():
-    """2 pixels, 2 hidden units, 1 latent, 2 noise samples: every number worked out by hand."""
-    vae = VAE(input_dim=2, hidden=2, latent=1, n_samples=2).double()
+def _recipe_noise(x: np.ndarray, seed: int, S: int, latent: int) -> np.ndarray:
+    """The documented per-example draw, recomputed here: rng([seed, BLAKE2b-128 of the float32 bytes])."""
+    import hashlib
+
+    h = hashlib.blake2b(np.asarray(x, np.float32).tobytes(), digest_size=16).digest()
+    key = [seed, int.from_bytes(h[:8], "little"), int.from_bytes(h[8:], "little")]
+    return np.random.default_rng(key).standard_normal((S, latent))
+
+
+def _hand_vae(noise: str) -> VAE:
+    vae = VAE(input_dim=2, hidden=2, latent=1, n_samples=2, noise=noise, noise_seed=5).double()
     with torch.no_grad():
         vae.enc[0].weight.copy_(torch.tensor([[1.0, -1.0], [0.5, 2.0]], dtype=torch.float64))
         vae.enc[0].bias.copy_(torch.tensor([0.0, -1.0], dtype=torch.float64))
@@ -31,14 +39,23 @@ def test_neg_elbo_matches_hand_computation():
         vae.dec[2].weight.copy_(torch.tensor([[1.0, 0.5], [-1.0, 2.0]], dtype=torch.float64))
         vae.dec[2].bias.copy_(torch.tensor([0.0, 0.1], dtype=torch.float64))
         vae.noise.copy_(torch.tensor([[0.5], [-1.5]], dtype=torch.float64))
+    return vae
+
+
+@pytest.mark.parametrize("noise", ["shared", "per_example"])
+def test_neg_elbo_matches_hand_computation(noise):
+    """2 pixels, 2 hidden units, 1 latent, 2 noise samples: every number worked out by hand (with the
+    shared buffer's draws, or with the example's own draws recomputed from the documented recipe)."""
+    vae = _hand_vae(noise)
     x = [0.8, 0.25]
+    draws = (0.5, -1.5) if noise == "shared" else tuple(_recipe_noise(np.array(x), 5, 2, 1)[:, 0])
     # encoder: h = relu([0.8 - 0.25, 0.4 + 0.5 - 1]) = [0.55, 0]
     h = [0.55, 0.0]
     mu = 0.3 * h[0] - 0.2 * h[1] + 0.1
     logvar = 0.1 * h[0] + 0.4 * h[1] - 0.5
     sigma = math.exp(0.5 * logvar)
     rec = 0.0
-    for eps in (0.5, -1.5):
+    for eps in draws:
         z = mu + sigma * eps
         hd = [max(0.0, z + 0.2), max(0.0, -2.0 * z + 0.3)]
         logits = [hd[0] + 0.5 * hd[1], -hd[0] + 2.0 * hd[1] + 0.1]
@@ -49,6 +66,32 @@ def test_neg_elbo_matches_hand_computation():
     got = vae(torch.tensor([x], dtype=torch.float64)).detach()
     assert got.shape == (1,)
     assert float(got[0]) == pytest.approx(rec + kl, rel=1e-12)
+
+
+def test_per_example_noise_is_own_draw_batch_independent_and_seeded():
+    """Each example draws its own encoder noise: the documented recipe, the same whatever batch it is
+    in, different for different examples and for another noise_seed; 'shared' repeats the buffer."""
+    rng = np.random.default_rng(0)
+    X = rng.random((5, 6)).astype(np.float32)
+    vae = VAE(input_dim=6, hidden=4, latent=3, n_samples=7, noise_seed=11)
+    eps = vae.example_noise(torch.as_tensor(X)).numpy()
+    assert eps.shape == (5, 7, 3)
+    for i in range(5):
+        np.testing.assert_allclose(eps[i], _recipe_noise(X[i], 11, 7, 3), rtol=1e-6)
+    np.testing.assert_array_equal(vae.example_noise(torch.as_tensor(X[3:4])).numpy()[0], eps[3])
+    assert not np.allclose(eps[0], eps[1])
+    other = vae_loss_model(vae, noise_seed=12).example_noise(torch.as_tensor(X)).numpy()
+    assert not np.allclose(other, eps)
+    # the loss sees exactly these draws: forward == neg_elbo with them
+    with torch.no_grad():
+        np.testing.assert_allclose(vae(torch.as_tensor(X)).numpy(),
+                                   vae.neg_elbo(torch.as_tensor(X), torch.as_tensor(eps, dtype=torch.float32)).numpy(),
+                                   rtol=1e-6)
+    shared = vae_loss_model(vae, noise="shared")
+    np.testing.assert_array_equal(shared.example_noise(torch.as_tensor(X)).numpy(),
+                                  np.broadcast_to(vae.noise.numpy(), (5, 7, 3)))
+    with pytest.raises(ValueError, match="noise must be"):
+        VAE(input_dim=6, noise="fresh")
 
 
 TRAIN = dict(epochs=2, lr=3e-3, batch_size=32, n_samples=4)

@@ -2,7 +2,7 @@
 
 Trains the small digits VAE (``indexer.vae``, loss = negative ELBO averaged over several encoder
 samples) with plain SGD and checkpoints (the recipe of Kong & Chaudhuri 2021; see
-docs/influence.md for why SGD rather than Adam), then with ``indexer.diagnostics``:
+docs/influence.md for why SGD rather than Adam), then with ``indexer.influence``:
 
 * ranks the training digits by TracIn self-influence Σ_c lr_c‖∇ℓ_c(x)‖² (high: atypical digits);
 * finds the strongest proponents (training digits that most lowered a test digit's negative ELBO)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from indexer.demo import load_digits_28
-    from indexer.diagnostics import self_proponent_rate, vae_tracin
+    from indexer.influence import self_proponent_rate, vae_tracin
     from indexer.vae import train_vae
 
     torch.set_num_threads(1)

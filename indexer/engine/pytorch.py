@@ -39,8 +39,6 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,152 +48,8 @@ from torch.nn import functional as F
 
 from indexer.defaults import CHUNK_SIZE
 from indexer.engine.base import Block, GradientEngine, select_names, guard_tolerance
-
-_CONV = (nn.Conv1d, nn.Conv2d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-GENERIC_RULES = ("vmap", "loop")
-
-# ------------------------------------------------------------------ F.linear interception
-_ORIG_LINEAR = F.linear
-_TLS = threading.local()
-_PATCH_LOCK = threading.Lock()
-_PATCH_DEPTH = 0
-
-
-def _linear_router(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` while some engine captures: route this thread's calls to its capture."""
-    cap = getattr(_TLS, "capture", None)
-    if cap is None:
-        return _ORIG_LINEAR(input, weight, bias)
-    return cap.linear(input, weight, bias)
-
-
-@contextmanager
-def _capturing(cap: "_Capture"):
-    """Install the ``F.linear`` router (reference counted across threads) and set this thread's capture."""
-    global _PATCH_DEPTH
-    with _PATCH_LOCK:
-        if _PATCH_DEPTH == 0:
-            F.linear = _linear_router
-        _PATCH_DEPTH += 1
-    _TLS.capture = cap
-    try:
-        yield cap
-    finally:
-        _TLS.capture = None
-        with _PATCH_LOCK:
-            _PATCH_DEPTH -= 1
-            if _PATCH_DEPTH == 0:
-                F.linear = _ORIG_LINEAR
-
-
-_PROBE = torch.zeros((), requires_grad=True)
-
-
-def _seq() -> int:
-    """The current autograd node sequence number of this thread (nodes created later get larger ones)."""
-    with torch.enable_grad():
-        return int((_PROBE * 1).grad_fn._sequence_nr())
-
-
-def _module_rule(m: nn.Module) -> str | None:
-    """The module-level rule for a module's own parameters (Linear is covered through ``F.linear``)."""
-    if isinstance(m, nn.Linear):
-        return "linear"
-    if isinstance(m, nn.MultiheadAttention):
-        return "linear"  # in_proj_weight/in_proj_bias through F.linear (packed self-attention)
-    if isinstance(m, _CONV):
-        return "conv"
-    if isinstance(m, nn.Embedding):
-        return "embedding" if m.max_norm is None and not m.scale_grad_by_freq else None
-    if isinstance(m, _BN):
-        return "batchnorm" if m.track_running_stats and m.running_mean is not None else None
-    name = type(m).__name__
-    if name == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None and m.weight.dim() == 2:
-        return "hf_conv1d"
-    if isinstance(m, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or name.endswith(("LayerNorm", "RMSNorm")):
-        w = getattr(m, "weight", None)
-        if isinstance(w, nn.Parameter) and set(n for n, _ in m.named_parameters(recurse=False)) <= {"weight", "bias"}:
-            return "norm"
-    return None
-
-
-@dataclass
-class _Call:
-    """One captured use of selected parameters: rule, the parameters, input, output, batch layout."""
-
-    rule: str
-    names: dict[str, str]  # role ('weight'/'bias') -> parameter name
-    inp: torch.Tensor
-    out: torch.Tensor
-    mode: str  # 'batch' | 'expand' | 'seq_first' | 'flat_tb'
-    module: nn.Module | None = None
-    seq: tuple[int, int] = (0, 0)
-    grad: torch.Tensor | None = None
-    B: int = 0
-
-
-@dataclass
-class _Capture:
-    """What one forward pass recorded."""
-
-    engine: "TorchEngine"
-    B: int
-    verify: bool
-    calls: list[_Call] = field(default_factory=list)
-    bad: dict[str, str] = field(default_factory=dict)
-    mha_depth: int = 0
-    pre_seq: dict[int, list[int]] = field(default_factory=dict)
-
-    def mode_for(self, x: torch.Tensor) -> str | None:
-        """How the batch sits in a captured input, or None when it cannot be proven."""
-        B = self.B
-        if self.mha_depth:  # inside nn.MultiheadAttention everything is sequence first
-            if x.dim() == 3 and x.shape[1] == B:
-                return "seq_first"
-            if x.dim() == 2 and x.shape[0] % B == 0:
-                return "flat_tb"
-            return None
-        if x.dim() >= 1 and x.shape[0] == B:
-            return "batch"
-        if x.dim() >= 1 and x.shape[0] == 1 and B > 1:
-            return "expand"
-        return None
-
-    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        eng = self.engine
-        names = {}
-        wn = eng._hooked_name(w, "linear")
-        bn = eng._hooked_name(b, "linear") if b is not None else None
-        if wn:
-            names["weight"] = wn
-        if bn:
-            names["bias"] = bn
-        if not names:
-            return _ORIG_LINEAR(x, w, b)
-        s0 = _seq() if self.verify else 0
-        z = _ORIG_LINEAR(x, w, b)
-        s1 = _seq() if self.verify else 0
-        return self.record("linear", names, x, z, None, (s0, s1))
-
-    def record(self, rule: str, names: dict[str, str], x: torch.Tensor, z: torch.Tensor, module: nn.Module | None,
-               seq: tuple[int, int]) -> torch.Tensor:
-        mode = self.mode_for(x)
-        if mode is None or (mode == "flat_tb" and z.shape[0] != x.shape[0]):
-            for n in names.values():
-                self.bad.setdefault(n, f"a call's input of shape {tuple(x.shape)} has no batch axis of {self.B}")
-            return z
-        if mode == "expand":
-            z = z.expand(self.B, *z.shape[1:])
-            x = x.expand(self.B, *x.shape[1:])
-        elif self.engine._inplace:
-            out = z
-            z = z.clone()  # an in-place op after this call must not change the recorded output
-            self.calls.append(_Call(rule, names, x.detach(), out, mode, module, seq, B=self.B))
-            return z
-        self.calls.append(_Call(rule, names, x.detach(), z, mode, module, seq, B=self.B))
-        return z
-
+from indexer.engine.capture import (BN_TYPES, CONV_TYPES, GENERIC_RULES, Call, Capture, autograd_seq, capturing,
+                                    current_capture, module_rule)
 
 class TorchEngine(GradientEngine):
     """Per-example gradients of a ``torch.nn.Module``'s loss, in eval mode, chunk by chunk."""
@@ -242,7 +96,7 @@ class TorchEngine(GradientEngine):
         for mname, mod in model.named_modules(remove_duplicate=False):
             for pname, p in mod.named_parameters(recurse=False):
                 if id(p) in self._name_of:
-                    owners.setdefault(self._name_of[id(p)], []).append((mod, pname, _module_rule(mod)))
+                    owners.setdefault(self._name_of[id(p)], []).append((mod, pname, module_rule(mod)))
         self._planned: dict[str, str] = {}
         self._reasons: dict[str, str] = {}
         for n in self.param_names:
@@ -284,9 +138,9 @@ class TorchEngine(GradientEngine):
         return n
 
     # ------------------------------------------------------------------ hooks
-    def _current(self) -> "_Capture | None":
+    def _current(self) -> "Capture | None":
         """This thread's capture if it belongs to this engine (another thread's forward is left alone)."""
-        cap = getattr(_TLS, "capture", None)
+        cap = current_capture()
         return cap if cap is not None and cap.engine is self else None
 
     def _mha_enter(self, mod: nn.Module, args: tuple) -> None:
@@ -302,13 +156,13 @@ class TorchEngine(GradientEngine):
     def _pre_hook(self, mod: nn.Module, args: tuple) -> None:
         cap = self._current()
         if cap is not None and cap.verify:
-            cap.pre_seq.setdefault(id(mod), []).append(_seq())
+            cap.pre_seq.setdefault(id(mod), []).append(autograd_seq())
 
     def _post_hook(self, mod: nn.Module, args: tuple, output: Any) -> Any:
         cap = self._current()
         if cap is None or not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
             return None
-        rule = _module_rule(mod)
+        rule = module_rule(mod)
         names = {}
         for pname, p in mod.named_parameters(recurse=False):
             n = self._hooked_name(p, rule)
@@ -316,7 +170,7 @@ class TorchEngine(GradientEngine):
                 names[pname] = n
         if not names:
             return None
-        seq = (cap.pre_seq[id(mod)].pop(), _seq()) if cap.verify else (0, 0)
+        seq = (cap.pre_seq[id(mod)].pop(), autograd_seq()) if cap.verify else (0, 0)
         return cap.record(rule, names, args[0], output, mod, seq)
 
     # -------------------------------------------------------------- helpers
@@ -412,8 +266,8 @@ class TorchEngine(GradientEngine):
                       "(torch.func.vmap, or a per-example loop) for them (slower).", RuntimeWarning, stacklevel=5)
 
     def _try_chunk(self, x: torch.Tensor, y: torch.Tensor | None, verify: bool) -> tuple[list[Block], dict[str, str]]:
-        cap = _Capture(self, len(x), verify)
-        with _capturing(cap), torch.enable_grad():
+        cap = Capture(self, len(x), verify)
+        with capturing(cap), torch.enable_grad():
             out = self.model(x)
             L = self.per_example_loss(out, y)
         failed = dict(cap.bad)
@@ -438,7 +292,7 @@ class TorchEngine(GradientEngine):
         return blocks, {}
 
     # ------------------------------------------------------------- the checks
-    def _structural(self, L: torch.Tensor, cap: _Capture, hooked: list[str]) -> dict[str, str]:
+    def _structural(self, L: torch.Tensor, cap: Capture, hooked: list[str]) -> dict[str, str]:
         """Parameters reaching the loss through autograd nodes created outside the calls covering them."""
         intervals: dict[str, list[tuple[int, int]]] = {}
         for c in cap.calls:
@@ -511,9 +365,9 @@ class TorchEngine(GradientEngine):
             return t.reshape(-1, B, t.shape[-1]).transpose(0, 1)
         return t
 
-    def _blocks(self, calls: list[_Call]) -> list[Block]:
+    def _blocks(self, calls: list[Call]) -> list[Block]:
         """One block per parameter group, in parameter order."""
-        groups: dict[tuple[str, str], list[_Call]] = {}
+        groups: dict[tuple[str, str], list[Call]] = {}
         for c in calls:
             key = (c.rule, c.names.get("weight") or next(iter(c.names.values())))
             groups.setdefault(key, []).append(c)
@@ -537,14 +391,14 @@ class TorchEngine(GradientEngine):
                         self._rule_of_param[n] = "tied"
                 own = {r: n for c in cs for r, n in c.names.items() if len(users[n]) == 1}
                 if own:  # e.g. a tied linear's own bias
-                    cs = [_Call(c.rule, {r: n for r, n in c.names.items() if n in own.values()}, c.inp, c.out, c.mode,
+                    cs = [Call(c.rule, {r: n for r, n in c.names.items() if n in own.values()}, c.inp, c.out, c.mode,
                                 c.module, c.seq, c.grad, c.B) for c in cs]
                     made[own[next(iter(own))]] = self._group_block(cs)
                 continue
             made[key[1]] = self._group_block(cs)
         return [made[k] for k in sorted(made, key=lambda k: order[k])]
 
-    def _factors(self, c: _Call) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factors(self, c: Call) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, d) with shapes (n, L, din), (n, L, dout) for linear, hf_conv1d and conv calls."""
         if c.rule in ("linear", "hf_conv1d"):
             inp = self._batch_first(c.inp, c.mode, c.B)
@@ -553,7 +407,7 @@ class TorchEngine(GradientEngine):
             return inp.reshape(n, -1, inp.shape[-1]), g.reshape(n, -1, g.shape[-1])
         return self._conv_factors(c.module, c.inp, c.grad)
 
-    def _group_block(self, cs: list[_Call]) -> Block:
+    def _group_block(self, cs: list[Call]) -> Block:
         rule = cs[0].rule
         names = {}
         for c in cs:
@@ -584,13 +438,13 @@ class TorchEngine(GradientEngine):
             full = rows if full is None else full + rows
         return Block(label, "full", parts, full=_np(full))
 
-    def _tied_block(self, n: str, cs: list[_Call]) -> Block:
+    def _tied_block(self, n: str, cs: list[Call]) -> Block:
         """A parameter used by several rules: the sum of every use's per-example gradient."""
         p = self._params[n]
         total = None
         for c in cs:
             role = next(r for r, m in c.names.items() if m == n)
-            sub = _Call(c.rule, {role: n}, c.inp, c.out, c.mode, c.module, c.seq, c.grad, c.B)
+            sub = Call(c.rule, {role: n}, c.inp, c.out, c.mode, c.module, c.seq, c.grad, c.B)
             rows = self._group_block([sub]).materialize()
             total = rows if total is None else total + rows
         return Block(_label(n), "full", [(n, p.numel())], full=total)
@@ -620,10 +474,10 @@ class TorchEngine(GradientEngine):
         cols = F.unfold(x, k, dilation=dl, padding=pad, stride=st)  # (n, C*kh*kw, L)
         return cols.transpose(1, 2), gg.reshape(n, gg.shape[1], -1).transpose(1, 2)
 
-    def _full_rows(self, c: _Call, has_w: bool, has_b: bool) -> torch.Tensor:
+    def _full_rows(self, c: Call, has_w: bool, has_b: bool) -> torch.Tensor:
         mod, inp, g = c.module, c.inp, c.grad
         n = g.shape[0]
-        if isinstance(mod, _CONV):  # grouped / depthwise: one GEMM per group
+        if isinstance(mod, CONV_TYPES):  # grouped / depthwise: one GEMM per group
             a, d = self._conv_factors(mod, inp, g)
             G = mod.groups
             Lp = a.shape[1]
@@ -631,7 +485,7 @@ class TorchEngine(GradientEngine):
             d = d.reshape(n, Lp, G, -1)
             gw = torch.einsum("nlgo,nlgc->ngoc", d, a).reshape(n, -1)
             gb = d.sum(1).reshape(n, -1)
-        elif isinstance(mod, _BN):
+        elif isinstance(mod, BN_TYPES):
             shape = [1, -1] + [1] * (inp.dim() - 2)
             xhat = (inp - mod.running_mean.reshape(shape)) / torch.sqrt(mod.running_var.reshape(shape) + mod.eps)
             gw = (g * xhat).transpose(0, 1).reshape(g.shape[1], n, -1).sum(-1).T

@@ -1,37 +1,16 @@
-"""BiLRP: explain a dot-product similarity y(x, x') = <phi(x), phi(x')> as relevance over pairs of features.
+"""Independent BiLRP implementations for the tests and the benchmark (not shipped with the explainer).
 
-Eberle et al. 2020 (arXiv 2003.05431) show that the second-order deep Taylor decomposition of a
-similarity built on an embedding phi is a composition of ordinary LRP passes:
-
-    R_{ii'} = sum_m R_i(phi_m; x) * R_{i'}(phi_m; x')
-
-where R_i(phi_m; x) is the LRP explanation of the single embedding output phi_m(x). This module
-computes all the passes for the m's at once (the m's are a batch of one-hot output seeds pushed
-through an explicit layer-wise LRP backward pass), optionally after a low-rank projection of phi
-(k seeds instead of dim(phi)), and pools the pair matrix to image patches or text tokens.
-
-Supported models: ``nn.Sequential`` (nested allowed) of Linear, Conv1d/Conv2d, ReLU, MaxPool/AvgPool
-(1d/2d, AdaptiveAvgPool), Flatten/Unflatten, ZeroPad, Dropout (identity: LRP explains the eval-mode
-model) and BatchNorm (folded into the preceding Linear/Conv; a BatchNorm with no such layer before
-it becomes an element-wise affine layer). LRP rules (Montavon et al. 2019, "Layer-wise relevance
-propagation: an overview") for the Linear/Conv layers:
-
-- ``"zero"``: LRP-0, R_i = sum_j a_i w_ij / z_j R_j (conservative on bias-free ReLU nets);
-- ``"epsilon"``: z_j + eps * sign(z_j) in the denominator (absorbs weak/contradictory relevance);
-- ``"gamma"``: weights w + gamma * w^+ (favours positive contributions; for lower layers);
-- ``"zb"``: the z^B rule for the input layer, with input bounds (low, high) (pixel ranges).
-
-zennit was considered for carrying the rules; its current release (1.0.0) needs Python >= 3.11.11
-and torchvision, neither of which this project has, and the rules are a few lines each here.
-
-``bilrp_reference`` is a deliberately different and slow implementation (one gradient-x-input pass
-per embedding dimension, with the LRP rules expressed as modified gradients of the forward pass);
-the tests and the benchmark compare the batched pass against it.
+- ``ExplicitBiLRP``: the previous implementation, for ``nn.Sequential`` stacks only: the model is
+  flattened into layer ops (BatchNorm folded by hand) and every LRP rule is written out as an explicit
+  backward pass over a batch of seeds. The benchmark times the zennit-based ``explainers.bilrp.BiLRP``
+  against it in the same run; the tests check that both agree.
+- ``bilrp_reference``: slow brute force: one modified-gradient backward per embedding dimension, the
+  LRP rules written as modified gradients of the forward pass, R = sum_m outer(R^m(x), R^m(x')).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -39,18 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BiLRP", "BiLRPResult", "explain_pair", "bilrp_reference", "plot_pair", "pca_projection",
-           "penultimate_embedding", "RULES"]
+from explainers.bilrp.result import BiLRPResult, _pool_rows
 
 RULES = ("zero", "epsilon", "gamma", "zb")
+
+
 def _stab(dtype: torch.dtype) -> float:
     """Stabilizer for rules without an epsilon of their own: avoids 0/0 on dead units while staying far
     below the dtype's resolution (so LRP-0 is exact to rounding)."""
     return torch.finfo(dtype).eps * 1e-3
-
-
-# --------------------------------------------------------------------------------------------
-# model preparation: flatten the Sequential, fold BatchNorm, describe each layer as an op
 
 
 @dataclass
@@ -205,105 +181,22 @@ def _forward(ops: list[_Op], x: torch.Tensor) -> list[torch.Tensor]:
     return acts
 
 
-# --------------------------------------------------------------------------------------------
-# results
+
+def _pool_args(m: nn.Module, dim: int) -> tuple:
+    return (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
 
 
-@dataclass
-class BiLRPResult:
-    """The BiLRP explanation of one pair.
-
-    relevance: (d, d') pair relevances over the flattened input features of x and x_other;
-    pooled: (p, p') the same summed over feature groups (image patches with channels summed, text
-    tokens with embedding dims summed); similarity: <phi(x), phi(x_other)>; explained: the value the
-    relevances decompose (equals ``similarity`` without projection, <P^T phi, P^T phi'> with one);
-    r_x, r_other: (k, d) per-seed LRP relevances of each input (row m: R(phi_m; .), or of projected
-    dimension m); pool_grid / pool_grid_other: the patch grid (rows, cols) of the pooled axes, or
-    (tokens,) / (features,).
-    """
-
-    relevance: np.ndarray
-    pooled: np.ndarray
-    similarity: float
-    explained: float
-    r_x: np.ndarray
-    r_other: np.ndarray
-    input_shape: tuple[int, ...]
-    input_shape_other: tuple[int, ...]
-    pool: Any
-    pool_grid: tuple[int, ...]
-    pool_grid_other: tuple[int, ...]
-    rules: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> float:
-        """Sum of all pair relevances (≈ ``explained`` for conservative rules)."""
-        return float(self.relevance.sum())
-
-    def top_pairs(self, k: int = 20, sign: str = "positive") -> list[tuple[int, int, float]]:
-        """The k strongest pooled pairs (i, i', R) by value ('positive'), by -value ('negative') or |R| ('abs')."""
-        P = self.pooled
-        key = {"positive": -P, "negative": P, "abs": -np.abs(P)}.get(sign)
-        if key is None:
-            raise ValueError(f"sign must be 'positive', 'negative' or 'abs', got {sign!r}")
-        k = min(k, P.size)
-        flat = np.argsort(key, axis=None, kind="stable")[:k]
-        rows, cols = np.unravel_index(flat, P.shape)
-        return [(int(i), int(j), float(P[i, j])) for i, j in zip(rows, cols)]
-
-    def to_dict(self, top_k: int = 20) -> dict[str, Any]:
-        """JSON-able summary for the server: pooled matrix, its grids, the similarity and top pairs."""
-        return {
-            "similarity": self.similarity,
-            "explained": self.explained,
-            "total": self.total,
-            "pooled": self.pooled.astype(float).tolist(),
-            "pooled_shape": list(self.pooled.shape),
-            "pool_grid": list(self.pool_grid),
-            "pool_grid_other": list(self.pool_grid_other),
-            "top_pairs": [{"i": i, "j": j, "relevance": r} for i, j, r in self.top_pairs(top_k, "abs")],
-            "rules": list(self.rules),
-        }
+def _vjp(fn: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Vector-Jacobian products of a linear map fn at input shape a.shape[1:] for a batch v (M, ...)."""
+    primal = torch.zeros(v.shape[0], *a.shape[1:], dtype=a.dtype)
+    _, pull = torch.func.vjp(fn, primal)
+    return pull(v)[0]
 
 
-# --------------------------------------------------------------------------------------------
-# pooling
 
 
-def _pool_rows(R: torch.Tensor, in_shape: tuple[int, ...], pool: Any) -> tuple[torch.Tensor, tuple[int, ...], Any]:
-    """Sum per-seed relevances (M, *in_shape) over feature groups -> (M, p) and the group grid."""
-    M = R.shape[0]
-    if pool == "auto":
-        pool = (4, 4) if len(in_shape) == 3 else ("tokens" if len(in_shape) == 2 else None)
-    if pool is None or pool == "features":
-        return R.reshape(M, -1), (int(np.prod(in_shape)),), None
-    if pool == "tokens":
-        if len(in_shape) != 2:
-            raise ValueError(f"pool='tokens' needs inputs of shape (tokens, dims), got {in_shape}")
-        return R.sum(dim=2), (in_shape[0],), pool
-    if isinstance(pool, int):
-        pool = (pool, pool)
-    if isinstance(pool, (tuple, list)) and len(pool) == 2:
-        if len(in_shape) != 3:
-            raise ValueError(f"patch pooling needs images of shape (C, H, W), got {in_shape}")
-        ph, pw = int(pool[0]), int(pool[1])
-        if ph < 1 or pw < 1:
-            raise ValueError(f"patch size must be positive, got {pool}")
-        Rc = R.sum(dim=1)  # channels
-        H, W = in_shape[1], in_shape[2]
-        gh, gw = -(-H // ph), -(-W // pw)
-        Rc = F.pad(Rc, (0, gw * pw - W, 0, gh * ph - H))
-        Rp = Rc.reshape(M, gh, ph, gw, pw).sum(dim=(2, 4))
-        return Rp.reshape(M, -1), (gh, gw), (ph, pw)
-    raise ValueError(f"pool must be 'auto', None, 'features', 'tokens', an int or a (h, w) patch size; got {pool!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# the explainer
-
-
-class BiLRP:
-    """BiLRP explainer for an embedding model phi (an nn.Sequential; see the module docstring).
+class ExplicitBiLRP:
+    """The previous BiLRP implementation: explicit batched LRP backward over layer ops (nn.Sequential only).
 
     Parameters
     ----------
@@ -354,6 +247,12 @@ class BiLRP:
         self.projection = None if projection is None else torch.as_tensor(np.asarray(projection), dtype=dtype)
         if self.projection is not None and self.projection.dim() != 2:
             raise ValueError(f"projection must be a (dim(phi), k) matrix, got shape {tuple(self.projection.shape)}")
+        self.meta: dict[str, Any] = {
+            "name": "BiLRP", "type": ["whitebox"], "explanations": ["local"],
+            "params": {"rules": list(rules), "bounds": bounds, "epsilon": self.epsilon, "gamma": self.gamma,
+                       "projection_rank": None if self.projection is None else int(self.projection.shape[1]),
+                       "pool": pool, "batch_size": self.batch_size, "dtype": str(dtype).replace("torch.", "")},
+        }
         # rule per op index
         self._op_rule: dict[int, str] = {}
         j = 0
@@ -513,20 +412,9 @@ class BiLRP:
         return a * _lin_vjp(op, s, W, in_shape)
 
 
-def _pool_args(m: nn.Module, dim: int) -> tuple:
-    return (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-
-
-def _vjp(fn: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Vector-Jacobian products of a linear map fn at input shape a.shape[1:] for a batch v (M, ...)."""
-    primal = torch.zeros(v.shape[0], *a.shape[1:], dtype=a.dtype)
-    _, pull = torch.func.vjp(fn, primal)
-    return pull(v)[0]
-
 
 # --------------------------------------------------------------------------------------------
-# brute-force reference: one modified-gradient backward per embedding dimension
-
+# helpers: projection, embedding choice, server hook, plot
 
 def _same_value(z: torch.Tensor, zr: torch.Tensor) -> torch.Tensor:
     """Exactly the value z, with the gradient of zr * (z / zr): the rule's modified gradient.
@@ -536,7 +424,7 @@ def _same_value(z: torch.Tensor, zr: torch.Tensor) -> torch.Tensor:
     return z.detach() + (v - v.detach())
 
 
-def _trick_forward(expl: BiLRP, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _trick_forward(expl: ExplicitBiLRP, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Forward whose gradient x input equals LRP: every layer's output has the gradient of
     z_rule * (z / z_rule).detach() (value z).
 
@@ -584,12 +472,16 @@ def _trick_forward(expl: BiLRP, x: torch.Tensor) -> tuple[torch.Tensor, list[tor
     return a.reshape(-1), leaves
 
 
-def bilrp_reference(explainer: BiLRP, x: np.ndarray | torch.Tensor, x_other: np.ndarray | torch.Tensor) -> np.ndarray:
+def bilrp_reference(explainer: ExplicitBiLRP | nn.Module, x: np.ndarray | torch.Tensor,
+                    x_other: np.ndarray | torch.Tensor, **opts: Any) -> np.ndarray:
     """Slow reference BiLRP: a loop over embedding dimensions m, each explained by gradient x input of a
     forward pass whose gradients are modified to implement the LRP rules; R = sum_m outer(R^m(x), R^m(x')).
 
-    Independent of the batched explicit pass in ``BiLRP.explain`` (used to test and benchmark it).
+    ``explainer`` is an ``ExplicitBiLRP`` or an ``nn.Sequential`` embedding (then ``opts`` are the
+    ``ExplicitBiLRP`` options: rule, input_rule, bounds, epsilon, gamma, projection, dtype).
     """
+    if not isinstance(explainer, ExplicitBiLRP):
+        explainer = ExplicitBiLRP(explainer, **opts)
     def per_dim(inp: torch.Tensor) -> list[torch.Tensor]:
         x0 = inp.clone().requires_grad_(True)
         phi, leaves = _trick_forward(explainer, x0)
@@ -611,114 +503,3 @@ def bilrp_reference(explainer: BiLRP, x: np.ndarray | torch.Tensor, x_other: np.
     return R.numpy()
 
 
-# --------------------------------------------------------------------------------------------
-# helpers: projection, embedding choice, server hook, plot
-
-
-def pca_projection(embeddings: np.ndarray, k: int) -> np.ndarray:
-    """Top-k right singular vectors (dim(phi), k) of a matrix of embeddings (n, dim(phi)) — uncentered,
-    because BiLRP explains the raw dot product. With k = rank, <P^T phi, P^T phi'> = <phi, phi'> on
-    the span of the embeddings."""
-    E = np.asarray(embeddings, dtype=np.float64)
-    if E.ndim != 2 or not 1 <= k <= min(E.shape):
-        raise ValueError(f"need embeddings (n, dim) and 1 <= k <= min(n, dim), got shape {E.shape} and k={k}")
-    _, _, vt = np.linalg.svd(E, full_matrices=False)
-    return vt[:k].T.astype(np.float32)
-
-
-def penultimate_embedding(classifier: nn.Sequential) -> nn.Sequential:
-    """The classifier without its last Linear layer: phi(x) = the activations the logits are read from.
-
-    For gradients restricted to the last Linear layer, the gradient-similarity kernel factorises
-    exactly: <g(x), g(x')> = <delta, delta'> (<phi(x), phi(x')> + 1), delta = dLoss/dlogits, so
-    BiLRP on this phi explains the input-dependent factor of a grad_dot match (docs/bilrp.md).
-    """
-    if not isinstance(classifier, nn.Sequential):
-        raise TypeError("penultimate_embedding needs an nn.Sequential classifier")
-    layers = list(classifier)
-    last = max((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), default=None)
-    if last is None or last == 0:
-        raise ValueError("the classifier needs a final Linear layer with layers before it")
-    return nn.Sequential(*layers[:last]).eval()
-
-
-def explain_pair(embedding_model: nn.Module, x: Any, x_other: Any, **opts: Any) -> BiLRPResult:
-    """Server hook: validate a pair of single inputs (no batch axis) and explain their similarity.
-
-    ``opts`` are the ``BiLRP`` constructor arguments (rule, input_rule, bounds, epsilon, gamma,
-    projection, pool, batch_size). Raises ValueError with what to fix on bad input.
-    """
-    arrs = []
-    for name, v in (("x", x), ("x_other", x_other)):
-        if v is None:
-            raise ValueError(f"{name} is missing")
-        try:
-            arr = np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{name} must be a numeric array: {e}") from None
-        if arr.size == 0:
-            raise ValueError(f"{name} is empty")
-        if not np.isfinite(arr).all():
-            raise ValueError(f"{name} contains NaN or infinite values; send finite numbers")
-        arrs.append(arr)
-    if arrs[0].shape != arrs[1].shape:
-        raise ValueError(f"x and x_other must have the same shape (one example each, no batch axis): "
-                         f"got {arrs[0].shape} and {arrs[1].shape}")
-    known = {"rule", "input_rule", "bounds", "epsilon", "gamma", "projection", "pool", "batch_size", "dtype"}
-    unknown = set(opts) - known
-    if unknown:
-        raise ValueError(f"unknown BiLRP options {sorted(unknown)}; allowed: {sorted(known)}")
-    explainer = BiLRP(embedding_model, **opts)
-    try:
-        return explainer.explain(arrs[0], arrs[1])
-    except RuntimeError as e:  # shape errors from torch ops
-        raise ValueError(f"inputs of shape {arrs[0].shape} do not fit the embedding model "
-                         f"(one example, no batch axis): {e}") from None
-
-
-def plot_pair(result: BiLRPResult, x: Any, x_other: Any, path: str | None = None, k: int = 20,
-              title: str | None = None, negative: bool = True):
-    """The paper's figure: both inputs side by side with lines joining their k strongest pooled pairs
-    (red: positive relevance, blue: negative; width and opacity ∝ |R|). Images (C,H,W) or (H,W) only.
-    Saves a PNG to ``path`` when given; returns the matplotlib figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def img(v: Any) -> np.ndarray:
-        a = np.asarray(v, dtype=np.float32)
-        if a.ndim == 3:
-            a = a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
-        if a.ndim not in (2, 3):
-            raise ValueError(f"plot_pair draws images (C,H,W) or (H,W), got shape {np.shape(v)}")
-        lo, hi = float(a.min()), float(a.max())
-        return (a - lo) / (hi - lo) if hi > lo else a * 0
-
-    if result.pool is None or not isinstance(result.pool, tuple):
-        raise ValueError("plot_pair needs a result pooled to image patches (pool=(h, w))")
-    A, B = img(x), img(x_other)
-    H, W = A.shape[:2]
-    gap = max(W // 3, 4)
-    canvas_shape = (max(H, B.shape[0]), W + gap + B.shape[1]) + A.shape[2:]
-    canvas = np.full(canvas_shape, 0.0 if A.ndim == 2 else 1.0, dtype=np.float32)  # white gap
-    canvas[:H, :W] = A
-    canvas[:B.shape[0], W + gap:] = B
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
-    ax.imshow(canvas, cmap="gray_r" if canvas.ndim == 2 else None, interpolation="nearest")
-    ph, pw = result.pool
-    gw_a, gw_b = result.pool_grid[1], result.pool_grid_other[1]
-    pairs = result.top_pairs(k, "abs" if negative else "positive")
-    vmax = max((abs(r) for _, _, r in pairs), default=1.0) or 1.0
-    for i, j, r in pairs:
-        if r == 0:
-            continue
-        ya, xa_ = (i // gw_a + 0.5) * ph - 0.5, (i % gw_a + 0.5) * pw - 0.5
-        yb, xb_ = (j // gw_b + 0.5) * ph - 0.5, W + gap + (j % gw_b + 0.5) * pw - 0.5
-        w = abs(r) / vmax
-        ax.plot([xa_, xb_], [ya, yb], color="tab:red" if r > 0 else "tab:blue", lw=0.5 + 2.5 * w, alpha=0.25 + 0.7 * w)
-    ax.set_axis_off()
-    ax.set_title(title or f"BiLRP: y = {result.similarity:.3g}, top {len(pairs)} patch pairs", fontsize=9)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path)
-    return fig
