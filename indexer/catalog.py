@@ -10,6 +10,7 @@ an index row only points at a file once that file has been renamed into place.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ from typing import Any
 from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
                         event, select)
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 CATALOG_FILE = "catalog.db"
@@ -133,10 +133,10 @@ class BuildChunk(Base):
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")  # first: switching to WAL waits for a concurrent opener
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
 
 
@@ -153,12 +153,15 @@ class Catalog:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(f"sqlite:///{path}", future=True)
         event.listen(self.engine, "connect", _sqlite_pragmas)
-        try:
-            Base.metadata.create_all(self.engine)
-        except OperationalError as exc:  # another process created the tables between check and create
-            if "already exists" not in str(exc):
-                raise
-            Base.metadata.create_all(self.engine)
+        # Two processes opening a new catalog at once race on the WAL switch and the CREATE TABLEs
+        # ("database is locked", "table already exists"): the first connection and the schema are
+        # made under an exclusive flock beside the database.
+        with open(self.workdir / ".catalog.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                Base.metadata.create_all(self.engine)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
