@@ -92,6 +92,8 @@ class IndexDescription:
     created: str
     checkpoints: list[CheckpointDescription] = field(default_factory=list)
     gradient_dim: int | None = None
+    parameter_rules: dict[str, str] = field(default_factory=dict)  # parameter -> per-example gradient rule
+    rules_verified: bool | None = None  # the engine's check against a batched backward passed (None: not recorded)
 
     @classmethod
     def from_row(cls, r: IndexRow, gradient_dim: int | None = None) -> "IndexDescription":
@@ -103,7 +105,8 @@ class IndexDescription:
                    input_shape=r.config.get("input_shape"), path=r.path, created=r.created.isoformat(),
                    checkpoints=[CheckpointDescription(c.path, c.learning_rate, c.fingerprint)
                                 for c in r.model.checkpoints],
-                   gradient_dim=gradient_dim)
+                   gradient_dim=gradient_dim, parameter_rules=dict(r.config.get("parameter_rules") or {}),
+                   rules_verified=r.config.get("rules_verified"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (``gradient_dim`` left out while unknown)."""
