@@ -92,7 +92,7 @@ def build_index(config: str | Path | dict[str, Any] | BuildConfig, workdir: str 
 
 def _open_data(cfg: BuildConfig, dataset: Any) -> ArrayDataset | IterableDataset:
     if dataset is None:
-        return open_dataset(cfg.data, cfg.model["task"], cfg.model.get("class_names"))
+        return open_dataset(cfg.data, cfg.model["task"], cfg.model.get("class_names"), cfg.model)
     if isinstance(dataset, (ArrayDataset, IterableDataset)):
         return dataset
     if isinstance(dataset, tuple) and len(dataset) == 2:

@@ -39,7 +39,7 @@ class ChunkWorker:
         self.cfg = BuildConfig.from_json(cfg_json)
         set_threads(self.cfg.build.get("threads") or 1)
         self.emb = Embedder.from_config(self.cfg, layout)
-        self.ds = open_dataset(self.cfg.data, self.cfg.model["task"], self.cfg.model.get("class_names"))
+        self.ds = open_dataset(self.cfg.data, self.cfg.model["task"], self.cfg.model.get("class_names"), self.cfg.model)
         self.chunk_dir = Path(chunk_dir)
         self.cs = int(self.cfg.build["chunk_size"])
 
