@@ -172,8 +172,8 @@ def make_lm_dir(out_dir: str | Path, docs: Sequence[str] | None = None, block_si
         opt.step()
     model.eval()
     model.save_pretrained(str(out))
-    meta.write_text(json.dumps({"loss": float(loss), "blocks": len(X)}))
-    return {"dir": str(out), "loss": float(loss), "blocks": len(X)}
+    meta.write_text(json.dumps({"loss": float(loss.detach()), "blocks": len(X)}))
+    return {"dir": str(out), "loss": float(loss.detach()), "blocks": len(X)}
 
 
 __all__ = ["sentiment_sentences", "python_doc_corpus", "train_tokenizer", "make_classifier_dir", "make_lm_dir"]
