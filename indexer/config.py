@@ -206,6 +206,11 @@ def parse_config(source: str | Path | dict[str, Any], base_dir: str | Path | Non
     if cn is not None and (not isinstance(cn, list) or not all(isinstance(c, str) for c in cn)):
         raise ConfigError("model.class_names", "must be a list of strings.")
 
+    if "hf_dir" in model and "projection" not in raw:
+        from indexer.defaults import TEXT_PROJECTION
+
+        proj = dict(TEXT_PROJECTION)  # the measured default for text models (indexer/defaults.py)
+
     # [data]
     from indexer.data import check_data_section
 

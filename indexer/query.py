@@ -196,7 +196,10 @@ class GradIndex:
         self.embedder()
         self.describe()
         if self.text_encoder() is not None:
-            self.embed(*self.text_inputs(["warm up"], ["."] if self.is_causal_lm else None))
+            # two examples: the engine's checks run until a chunk of two or more has passed, so a
+            # warm-up of one would leave every single-text query paying for them
+            texts = ["warm up", "a second warm up text"]
+            self.embed(*self.text_inputs(texts, [".", "."] if self.is_causal_lm else None))
         elif self.input_shape:
             self.embed(np.zeros((1, *self.input_shape), dtype=np.float32))
 

@@ -222,3 +222,14 @@ def test_planted_near_duplicates_are_their_originals_top_proponent(lm):
     dups = [" ".join(t.split()[:-1]) for t in originals]
     res = idx.find_similar(dups, k=1)
     assert res.ids[:, 0].tolist() == picks
+
+
+def test_text_models_default_to_the_measured_projection(clf):
+    from indexer.config import parse_config
+    from indexer.defaults import TEXT_PROJECTION
+
+    cfg = {"model": {"name": "x", "hf_dir": clf.dir, "hf_kind": "sequence_classification"},
+           "data": {"format": "jsonl", "path": clf.dir + "/train.jsonl"}, "index": {"name": "x"}}
+    p = parse_config(cfg).projection
+    assert (p.kind, p.dim) == (TEXT_PROJECTION["kind"], TEXT_PROJECTION["dim"])
+    assert parse_config({**cfg, "projection": {"kind": "none"}}).projection.kind == "none"
