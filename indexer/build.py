@@ -34,7 +34,8 @@ from sqlalchemy import delete, func, select
 from indexer.catalog import Build, BuildChunk, Catalog, Checkpoint, Example, IndexRow, Model
 from indexer.chunks import commit_chunk, compute_chunk, iter_shards, progress, set_threads
 from indexer.config import BuildConfig, parse_config
-from indexer.data import ArrayDataset, IterableDataset, open_dataset, validate_arrays
+from indexer.data import ArrayDataset, IterableDataset, validate_arrays
+from indexer.text_data import open_build_dataset
 from indexer.defaults import RECALL_SAMPLE
 from indexer.embedder import Embedder, load_engines, probe_layout
 from indexer.errors import ConfigError, FailedPrecondition, InvalidArgument
@@ -92,7 +93,7 @@ def build_index(config: str | Path | dict[str, Any] | BuildConfig, workdir: str 
 
 def _open_data(cfg: BuildConfig, dataset: Any) -> ArrayDataset | IterableDataset:
     if dataset is None:
-        return open_dataset(cfg.data, cfg.model["task"], cfg.model.get("class_names"), cfg.model)
+        return open_build_dataset(cfg.data, cfg.model["task"], cfg.model.get("class_names"), cfg.model)
     if isinstance(dataset, (ArrayDataset, IterableDataset)):
         return dataset
     if isinstance(dataset, tuple) and len(dataset) == 2:

@@ -200,16 +200,13 @@ def _labels_to_int(values: list[Any], class_names: list[str] | None, fld: str) -
     return np.asarray(out, dtype=np.int64)
 
 
-def open_dataset(data: dict[str, Any], task: str = "classification", class_names: list[str] | None = None,
-                 model: dict[str, Any] | None = None) -> ArrayDataset:
-    """Open the dataset a (checked) ``[data]`` table describes. ``model``: the ``[model]`` table, whose
-    Hugging Face tokenizer (``hf_dir``) turns text data into packed token arrays (:mod:`indexer.text`)."""
+def open_dataset(data: dict[str, Any], task: str = "classification", class_names: list[str] | None = None
+                 ) -> ArrayDataset:
+    """Open the dataset a (checked) ``[data]`` table describes (text tokenized by a Hugging Face model's
+    own tokenizer: :func:`indexer.text_data.open_build_dataset`)."""
     fmt, path = data["format"], data["path"]
-    if model is not None and "hf_dir" in model and "preprocess" not in data and (
-            fmt in ("jsonl", "text") or (fmt == "csv" and "text_field" in data)):
-        from indexer.text_data import open_text_dataset
-
-        return open_text_dataset(data, task, class_names, model)
+    if fmt == "text":
+        raise ConfigError("data.format", "format 'text' needs a Hugging Face causal LM (model.hf_dir).")
     limit = data.get("limit") or None
     split = data.get("split", "train")
     src = path

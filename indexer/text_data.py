@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.data import ArrayDataset, _labels_to_int
+from indexer.data import ArrayDataset, _labels_to_int, open_dataset
 from indexer.errors import ConfigError
 
 
@@ -112,4 +112,15 @@ def open_text_dataset(data: dict[str, Any], task: str, class_names: list[str] | 
                         transform=lambda xs: enc.encode(list(xs), "data.text_field"))
 
 
-__all__ = ["open_text_dataset"]
+def open_build_dataset(data: dict[str, Any], task: str, class_names: list[str] | None,
+                       model: dict[str, Any]) -> ArrayDataset:
+    """The dataset of a build: text formats through the model's tokenizer when the model is a Hugging
+    Face directory and no ``data.preprocess`` is given, everything else through :func:`open_dataset`."""
+    fmt = data["format"]
+    if "hf_dir" in model and "preprocess" not in data and (
+            fmt in ("jsonl", "text") or (fmt == "csv" and "text_field" in data)):
+        return open_text_dataset(data, task, class_names, model)
+    return open_dataset(data, task, class_names)
+
+
+__all__ = ["open_text_dataset", "open_build_dataset"]
