@@ -233,3 +233,39 @@ def test_text_models_default_to_the_measured_projection(clf):
     p = parse_config(cfg).projection
     assert (p.kind, p.dim) == (TEXT_PROJECTION["kind"], TEXT_PROJECTION["dim"])
     assert parse_config({**cfg, "projection": {"kind": "none"}}).projection.kind == "none"
+
+
+def test_token_classification_dir_loads_and_matches_hf_loss(clf, tmp_path):
+    """A token-classification directory loads through the config; per-token targets from the client give
+    the gradient of Hugging Face's own loss, one example at a time."""
+    import torch
+
+    from indexer.config import parse_config
+    from indexer.embedder import load_engines
+    from indexer.text import TextEncoder, TextSpec, import_transformers
+
+    tr = import_transformers()
+    d = tmp_path / "tagger"
+    torch.manual_seed(0)
+    tok = tr.AutoTokenizer.from_pretrained(clf.dir, local_files_only=True)
+    tr.BertForTokenClassification(tr.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                                max_position_embeddings=32)).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    cfg = parse_config({"model": {"name": "t", "hf_dir": str(d), "hf_kind": "token_classification",
+                                  "text": {"max_length": 12}},
+                        "data": {"format": "jsonl", "path": clf.dir + "/train.jsonl"}, "index": {"name": "t"}})
+    eng = load_engines(cfg)[0]
+    X = TextEncoder(d, TextSpec("token_classification", 12)).encode(["the film was wonderful", "dull"])
+    rng = np.random.default_rng(0)
+    Y = np.where(X[:, 1] > 0, rng.integers(0, 3, X[:, 0].shape), -100)
+    G = eng.grads(X, Y)
+    hf = eng.model.hf
+    for i in range(2):
+        hf.zero_grad()
+        hf(input_ids=torch.as_tensor(X[i:i + 1, 0]), attention_mask=torch.as_tensor(X[i:i + 1, 1]),
+           labels=torch.as_tensor(Y[i:i + 1])).loss.backward()
+        P = dict(eng.model.named_parameters())
+        ref = np.concatenate([P[n].grad.reshape(-1).numpy() if P[n].grad is not None else np.zeros(P[n].numel())
+                              for n in eng.param_names])
+        np.testing.assert_allclose(G[i], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
