@@ -269,3 +269,27 @@ def test_token_classification_dir_loads_and_matches_hf_loss(clf, tmp_path):
         ref = np.concatenate([P[n].grad.reshape(-1).numpy() if P[n].grad is not None else np.zeros(P[n].numel())
                               for n in eng.param_names])
         np.testing.assert_allclose(G[i], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_ghost_norms_of_sequence_blocks_equal_formed_gradients():
+    """Self-influence norms of a sequence block come from its factors (a Linear's gradient is never
+    formed for them) and equal the norms of the formed gradients: a Linear with bias, an embedding."""
+    from indexer.engine.base import Block
+    from indexer.projection import ghost_sq_norms
+
+    rng = np.random.default_rng(0)
+    n, L, din, dout, vocab = 3, 8, 40, 48, 50
+    lin = Block("lin", "outer", [("w", dout * din), ("b", dout)], a_in=rng.normal(size=(n, L, din)).astype(np.float32),
+                d=rng.normal(size=(n, L, dout)).astype(np.float32), has_bias=True)
+    idx = rng.integers(0, vocab, size=(n, L))
+    idx[:, :3] = idx[:, 3:6]  # repeated tokens: their rows of the gradient add up
+    emb = Block("emb", "outer", [("e", vocab * dout)], d=rng.normal(size=(n, L, dout)).astype(np.float32),
+                idx=idx, vocab=vocab)
+    for blk in (lin, emb):
+        g = ghost_sq_norms(blk)
+        assert g is not None
+        m = blk.materialize().astype(np.float64)
+        np.testing.assert_allclose(g, np.einsum("ij,ij->i", m, m), rtol=1e-5)
+    # Where forming is cheaper (short sequences of narrow layers) it declines.
+    assert ghost_sq_norms(Block("s", "outer", [("w", 4)], a_in=np.ones((1, 8, 2), np.float32),
+                                d=np.ones((1, 8, 2), np.float32))) is None
