@@ -37,6 +37,7 @@ from indexer.data import load_payload
 from indexer.defaults import MAX_K, MAX_QUERIES
 from indexer.errors import FailedPrecondition, InvalidArgument, ModelMismatch, NotFound, ResourceExhausted
 from indexer.store import IndexSpec, VectorStore
+from indexer.text import text_description
 
 MODES = ("most", "least", "both")
 
@@ -107,7 +108,8 @@ class IndexDescription:
                    checkpoints=[CheckpointDescription(c.path, c.learning_rate, c.fingerprint)
                                 for c in r.model.checkpoints],
                    gradient_dim=gradient_dim, parameter_rules=dict(r.config.get("parameter_rules") or {}),
-                   rules_verified=r.config.get("rules_verified"), text=_text_of(r))
+                   rules_verified=r.config.get("rules_verified"),
+                   text=text_description((r.config.get("build") or {}).get("model") or {}))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (``gradient_dim`` left out while unknown)."""
@@ -115,13 +117,6 @@ class IndexDescription:
         if d["gradient_dim"] is None:
             del d["gradient_dim"]
         return d
-
-
-def _text_of(r: IndexRow) -> dict[str, Any] | None:
-    m = (r.config.get("build") or {}).get("model") or {}
-    if "hf_dir" not in m:
-        return None
-    return {"hf_kind": m["hf_kind"], "hf_dir": m["hf_dir"], **(m.get("text") or {})}
 
 
 class GradIndex:
@@ -196,10 +191,8 @@ class GradIndex:
         self.embedder()
         self.describe()
         if self.text_encoder() is not None:
-            # two examples: the engine's checks run until a chunk of two or more has passed, so a
-            # warm-up of one would leave every single-text query paying for them
-            texts = ["warm up", "a second warm up text"]
-            self.embed(*self.text_inputs(texts, [".", "."] if self.is_causal_lm else None))
+            # two texts: the engine checks chunks until one of two or more passes (else every 1-text query pays)
+            self.embed(*self.text_inputs(["warm up", "a second one"], [".", "."] if self.is_causal_lm else None))
         elif self.input_shape:
             self.embed(np.zeros((1, *self.input_shape), dtype=np.float32))
 
@@ -225,8 +218,7 @@ class GradIndex:
             from indexer.text import TextEncoder
 
             with self.lock:
-                if self._text_encoder is None:
-                    self._text_encoder = TextEncoder.from_model(self.config.model)
+                self._text_encoder = self._text_encoder or TextEncoder.from_model(self.config.model)
         return self._text_encoder
 
     def text_inputs(self, texts: Any, completions: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -253,8 +245,7 @@ class GradIndex:
         """The index's text preprocessing (its build config's ``data.preprocess``, loaded once, or the
         model's own tokenizer), which turns raw texts into the model's numeric inputs; None for a
         model that takes numbers only."""
-        if self._preprocess is None and self.text_encoder() is not None:
-            self._preprocess = self.text_encoder().encode
+        self._preprocess = self._preprocess or (self.text_encoder().encode if self.text_encoder() else None)
         if self._preprocess is None:
             pre = self.config.data.get("preprocess")
             if not pre:
@@ -298,7 +289,7 @@ class GradIndex:
         pre = self.preprocess()
         if pre and (isinstance(X, (list, tuple)) or getattr(X, "dtype", None) is not None and X.dtype.kind in "OU"):
             X = np.asarray(pre(list(X)))
-        if Y is None and self.is_causal_lm and self.text_encoder() is not None:
+        if Y is None and self.is_causal_lm:
             Y = self.text_encoder().lm_labels(np.asarray(X))  # every real token counts
         if Y is not None:
             Y = np.asarray(Y)

@@ -127,6 +127,13 @@ def check_text_section(model: dict[str, Any], base: Path) -> None:
     model["framework"] = "pytorch"
 
 
+def text_description(model_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """What an index description says about a text model (kind, directory, tokenization); None otherwise."""
+    if "hf_dir" not in model_cfg:
+        return None
+    return {"hf_kind": model_cfg["hf_kind"], "hf_dir": model_cfg["hf_dir"], **(model_cfg.get("text") or {})}
+
+
 def _torch_module() -> Any:
     import torch
 
