@@ -34,7 +34,8 @@ from sqlalchemy import delete, func, select
 from indexer.catalog import Build, BuildChunk, Catalog, Checkpoint, Example, IndexRow, Model
 from indexer.chunks import commit_chunk, compute_chunk, iter_shards, progress, set_threads
 from indexer.config import BuildConfig, parse_config
-from indexer.data import ArrayDataset, IterableDataset, open_dataset, validate_arrays
+from indexer.data import ArrayDataset, IterableDataset, validate_arrays
+from indexer.text_data import open_build_dataset
 from indexer.defaults import RECALL_SAMPLE
 from indexer.embedder import Embedder, load_engines, probe_layout
 from indexer.build_lock import build_lock
@@ -94,7 +95,7 @@ def build_index(config: str | Path | dict[str, Any] | BuildConfig, workdir: str 
 
 def _open_data(cfg: BuildConfig, dataset: Any) -> ArrayDataset | IterableDataset:
     if dataset is None:
-        return open_dataset(cfg.data, cfg.model["task"], cfg.model.get("class_names"))
+        return open_build_dataset(cfg.data, cfg.model["task"], cfg.model.get("class_names"), cfg.model)
     if isinstance(dataset, (ArrayDataset, IterableDataset)):
         return dataset
     if isinstance(dataset, tuple) and len(dataset) == 2:
@@ -181,7 +182,8 @@ def _build(cfg: BuildConfig, cat: Catalog, dataset: Any, resume: bool, replace: 
                            dim=emb.dim, status="building", fingerprint=fp,
                            config={"build": cfg.to_json(), "key": json.loads(json.dumps(key)),
                                    "replace": bool(replace),
-                                   "input_shape": [int(v) for v in np.asarray(Xp).shape[1:]]})
+                                   "input_shape": [int(v) for v in np.asarray(Xp).shape[1:]],
+                                   **engine_rules(engines[0])})
             s.add(row)
             s.flush()
             n_total = len(ds) if isinstance(ds, ArrayDataset) else (ds.n or 0)
@@ -218,6 +220,7 @@ def _build(cfg: BuildConfig, cat: Catalog, dataset: Any, resume: bool, replace: 
                     bar.update(commit_chunk(cat, build_id, index_id, c, path))
                     computed += 1
         t_compute = time.perf_counter() - t_compute
+        _record_rules(cat, index_id, emb.engines[0])
         result = _finalize(cfg, cat, index_id, build_id, chunk_dir, replace_flag)
     except BaseException as exc:
         with cat.session() as s, s.begin():
@@ -227,6 +230,24 @@ def _build(cfg: BuildConfig, cat: Catalog, dataset: Any, resume: bool, replace: 
         raise
     return BuildResult(name, version, index_id, result[0], emb.dim, result[1], result[2], time.perf_counter() - t0,
                        computed, len(done), t_compute)
+
+
+def engine_rules(engine: Any) -> dict[str, Any]:
+    """The catalog's record of how the engine computes each parameter's per-example gradient:
+    ``parameter_rules`` (name -> rule, e.g. 'linear', 'embedding', 'tied', 'vmap', 'loop') and
+    ``rules_verified`` (whether the engine's numeric check against one batched backward passed)."""
+    return {"parameter_rules": {str(k): str(v) for k, v in engine.rules.items()},
+            "rules_verified": bool(engine.verified)}
+
+
+def _record_rules(cat: Catalog, index_id: int, engine: Any) -> None:
+    """Refresh the recorded rules after the chunk loop when this process's engine ran the check
+    (the guard may have moved a parameter to an exact fallback on the first real chunk)."""
+    if not engine.verified:
+        return  # e.g. a resumed or Ray build: the rules recorded when the build started stay
+    with cat.session() as s, s.begin():
+        row = s.get(IndexRow, index_id)
+        row.config = {**row.config, **engine_rules(engine)}
 
 
 def _drop_index(cat: Catalog, s: Any, row: IndexRow) -> None:

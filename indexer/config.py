@@ -21,9 +21,9 @@ from indexer.projection import ProjectionSpec
 from indexer.store import IndexSpec
 
 MODEL_KEYS = {"name", "framework", "entry", "weights", "keras_model", "loss", "task", "params", "class_names",
-              "checkpoints", "device"}
+              "checkpoints", "device", "hf_dir", "hf_kind", "text"}
 DATA_KEYS = {"format", "path", "x", "y", "ids", "labels", "split", "limit", "size", "mode", "layout", "label",
-             "features", "text_field", "label_field", "id_field", "preprocess", "dtype", "scale"}
+             "features", "text_field", "label_field", "id_field", "preprocess", "dtype", "scale", "block_size"}
 INDEX_KEYS = {"name", "kernel", "faiss", "nlist", "nprobe", "pq_m", "pq_bits", "hnsw_m", "ef_construction",
               "ef_search", "mips"}
 PROJ_KEYS = {"kind", "dim", "dist", "seed", "block_rows"}
@@ -31,6 +31,7 @@ BUILD_KEYS = {"chunk_size", "threads", "recall_sample", "keep_shards"}
 TOP_KEYS = {"model", "data", "index", "projection", "build", "setup"}
 TORCH_LOSSES = {"cross_entropy": "CrossEntropyLoss", "nll": "NLLLoss", "mse": "MSELoss", "l1": "L1Loss",
                 "bce_with_logits": "BCEWithLogitsLoss", "bce": "BCELoss", "huber": "HuberLoss"}
+SEQUENCE_LOSSES = {"sequence_classification": "", "token_classification": "", "causal_lm": ""}  # indexer.text
 KERAS_LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits", "bce", "huber")
 
 
@@ -62,7 +63,8 @@ class BuildConfig:
         cks = self.model.get("checkpoints") or []
         if cks:
             return cks
-        return [{"weights": self.model.get("weights") or self.model.get("keras_model"), "learning_rate": 1.0}]
+        return [{"weights": self.model.get("weights") or self.model.get("keras_model") or self.model.get("hf_dir"),
+                 "learning_rate": 1.0}]
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form stored in the catalog (reopening an index needs the model section)."""
@@ -140,6 +142,12 @@ def parse_config(source: str | Path | dict[str, Any], base_dir: str | Path | Non
     # [model]
     if not isinstance(model.get("name"), str) or not model["name"]:
         raise ConfigError("model.name", "a model name is required.")
+    if "hf_dir" in model:  # a local Hugging Face directory: sets framework, the task of an LM, the default loss
+        from indexer.text import check_text_section
+
+        check_text_section(model, base)
+    elif "hf_kind" in model or "text" in model:
+        raise ConfigError("model.hf_kind", "hf_kind and text apply to a Hugging Face model: give model.hf_dir.")
     fw = model.get("framework", "pytorch")
     if fw not in ("pytorch", "tensorflow"):
         raise ConfigError("model.framework", f"{fw!r} is unknown: use 'pytorch' or 'tensorflow'.")
@@ -152,7 +160,7 @@ def parse_config(source: str | Path | dict[str, Any], base_dir: str | Path | Non
         if fw != "tensorflow":
             raise ConfigError("model.keras_model", "a saved Keras model needs framework = 'tensorflow'.")
         model["keras_model"] = _path(base, "model.keras_model", model["keras_model"])
-    else:
+    elif "hf_dir" not in model:
         if "entry" not in model:
             raise ConfigError("model.entry", "give the code entry point 'file.py:factory' (or model.keras_model).")
         model["entry"] = _entry_file(base, "model.entry", model["entry"])
@@ -172,14 +180,14 @@ def parse_config(source: str | Path | dict[str, Any], base_dir: str | Path | Non
         out_cks.append({"weights": _path(base, f"model.checkpoints[{i}].weights", c["weights"]),
                         "learning_rate": float(lr)})
     model["checkpoints"] = out_cks
-    if "weights" not in model and "keras_model" not in model and not out_cks:
+    if "weights" not in model and "keras_model" not in model and "hf_dir" not in model and not out_cks:
         raise ConfigError("model.weights", "give a weights file (or [[model.checkpoints]]).")
     loss = model.get("loss", "cross_entropy" if task == "classification" else ("mse" if task == "regression" else "none"))
     model["loss"] = loss
     if ":" in str(loss):
         model["loss"] = _entry_file(base, "model.loss", loss)
-    elif loss != "none" and loss not in (TORCH_LOSSES if fw == "pytorch" else KERAS_LOSSES):
-        names = sorted(TORCH_LOSSES) if fw == "pytorch" else list(KERAS_LOSSES)
+    elif loss != "none" and loss not in (TORCH_LOSSES | SEQUENCE_LOSSES if fw == "pytorch" else KERAS_LOSSES):
+        names = sorted(TORCH_LOSSES | SEQUENCE_LOSSES) if fw == "pytorch" else list(KERAS_LOSSES)
         raise ConfigError("model.loss", f"unknown loss {loss!r}: use one of {', '.join(names)}, 'none' (the model "
                                         "returns per-example losses) or 'file.py:function'.")
     params = model.get("params") or None
@@ -198,10 +206,22 @@ def parse_config(source: str | Path | dict[str, Any], base_dir: str | Path | Non
     if cn is not None and (not isinstance(cn, list) or not all(isinstance(c, str) for c in cn)):
         raise ConfigError("model.class_names", "must be a list of strings.")
 
+    if "hf_dir" in model and "projection" not in raw:
+        from indexer.defaults import TEXT_PROJECTION
+
+        proj = dict(TEXT_PROJECTION)  # the measured default for text models (indexer/defaults.py)
+
     # [data]
     from indexer.data import check_data_section
 
     data = check_data_section(data, base)
+    text_data = data["format"] == "text" or data["format"] == "jsonl" or (data["format"] == "csv" and "text_field" in data)
+    if text_data and "preprocess" not in data and "hf_dir" not in model:
+        raise ConfigError("data.preprocess", "text data needs the model's tokenizer (model.hf_dir) or "
+                                             "'file.py:function' turning a list of texts into model inputs.")
+    if data["format"] == "text" and model.get("hf_kind") != "causal_lm":
+        raise ConfigError("data.format", "format 'text' (documents cut into token blocks) is for a causal LM "
+                                         "(model.hf_kind = 'causal_lm').")
 
     # [index]
     if not isinstance(index.get("name"), str) or not index["name"].replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -248,6 +268,10 @@ def make_loss(model_cfg: dict[str, Any]) -> Any:
     loss, fw = model_cfg["loss"], model_cfg["framework"]
     if loss == "none":
         return None
+    if loss in SEQUENCE_LOSSES:
+        from indexer.text import make_hf_loss
+
+        return make_hf_loss(loss)
     if ":" in loss:
         return load_entry(loss, "model.loss")
     if fw == "pytorch":
@@ -270,6 +294,10 @@ def load_model(model_cfg: dict[str, Any], weights: str | None = None) -> Any:
     models load from ``.keras`` files or SavedModel folders.
     """
     fw = model_cfg["framework"]
+    if "hf_dir" in model_cfg:
+        from indexer.text import load_hf_model
+
+        return load_hf_model({**model_cfg, "hf_dir": weights or model_cfg["hf_dir"]})
     if fw == "pytorch":
         import torch
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from indexer.errors import ConfigError
 
-FORMATS = ("npy", "npz", "images", "csv", "jsonl")
+FORMATS = ("npy", "npz", "images", "csv", "jsonl", "text")
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -45,7 +45,8 @@ def check_data_section(data: dict[str, Any], base: Path) -> dict[str, Any]:
     fmt = data.get("format")
     if fmt is None and isinstance(data.get("path"), str):
         suffix = Path(data["path"]).suffix.lstrip(".")
-        fmt = suffix if suffix in FORMATS else ("images" if (base / data["path"]).is_dir() else None)
+        fmt = suffix if suffix in FORMATS else ("text" if suffix == "txt" else
+                                                ("images" if (base / data["path"]).is_dir() else None))
     if fmt not in FORMATS:
         raise ConfigError("data.format", f"{fmt!r} is unknown: use one of {', '.join(FORMATS)}.")
     data["format"] = fmt
@@ -69,9 +70,10 @@ def check_data_section(data: dict[str, Any], base: Path) -> dict[str, Any]:
             if not fp.exists():
                 raise ConfigError("data.preprocess", f"file not found: {fp}")
             data["preprocess"] = f"{fp}:{data['preprocess'].rsplit(':', 1)[1]}"
-    if fmt == "jsonl" and "preprocess" not in data:
-        raise ConfigError("data.preprocess", "text data needs 'file.py:function' turning a list of texts into "
-                                             "model inputs (e.g. token ids).")
+    if fmt == "text":
+        bs = data.setdefault("block_size", 0)
+        if not isinstance(bs, int) or bs < 0:
+            raise ConfigError("data.block_size", "must be a non-negative integer (0 = model.text.max_length).")
     lim = data.get("limit", 0)
     if not isinstance(lim, int) or lim < 0:
         raise ConfigError("data.limit", "must be a non-negative integer (0 = all).")
@@ -200,8 +202,11 @@ def _labels_to_int(values: list[Any], class_names: list[str] | None, fld: str) -
 
 def open_dataset(data: dict[str, Any], task: str = "classification", class_names: list[str] | None = None
                  ) -> ArrayDataset:
-    """Open the dataset a (checked) ``[data]`` table describes."""
+    """Open the dataset a (checked) ``[data]`` table describes (text tokenized by a Hugging Face model's
+    own tokenizer: :func:`indexer.text_data.open_build_dataset`)."""
     fmt, path = data["format"], data["path"]
+    if fmt == "text":
+        raise ConfigError("data.format", "format 'text' needs a Hugging Face causal LM (model.hf_dir).")
     limit = data.get("limit") or None
     split = data.get("split", "train")
     src = path

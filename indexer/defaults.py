@@ -25,4 +25,9 @@ MAX_QUERIES: int = 10_000
 #: Rows sampled to measure an index's recall@10 at the end of a build.
 RECALL_SAMPLE: int = 200
 
-__all__ = ["TASKS", "CHUNK_SIZE", "MAX_K", "MAX_QUERIES", "RECALL_SAMPLE"]
+# Projection of a Hugging Face text model's index when the config has no [projection] table: chosen
+# by benchmarks/bench_text.py (TensorSketch met the fidelity and build-speed targets at k = 2,048 on
+# the text classifier; the factored/LoGra form was more faithful but 6x slower to build).
+TEXT_PROJECTION: dict = {"kind": "sketch", "dim": 2048}
+
+__all__ = ["TEXT_PROJECTION", "TASKS", "CHUNK_SIZE", "MAX_K", "MAX_QUERIES", "RECALL_SAMPLE"]

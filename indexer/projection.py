@@ -90,6 +90,33 @@ def factor_dims(k: int) -> tuple[int, int]:
     return k_out, k_in
 
 
+def ghost_sq_norms(blk: Any) -> np.ndarray | None:
+    """Exact ‖Σ_t d_t a_tᵀ‖² per example from a sequence block's factors, Σ_{t,s} (a_t·a_s)(d_t·d_s),
+    so a factored or sketched build never forms the (dout × din) gradient just for its norm; None
+    where forming it is cheaper (L·(din + dout) ≥ din·dout), for rank-one blocks (handled by
+    ``Block.sq_norms``) and bias-only blocks. An embedding's a_t·a_s is [id_t = id_s]."""
+    import torch
+
+    if blk.kind != "outer" or not getattr(blk, "has_weight", True) or blk.d.shape[1] == 1:
+        return None
+    n, L, dout = blk.d.shape
+    din = blk.a_shape[2]
+    if L * (din + dout) >= din * dout:
+        return None
+    d = torch.from_numpy(np.ascontiguousarray(blk.d, dtype=np.float64))
+    dd = torch.bmm(d, d.transpose(1, 2))
+    idx = getattr(blk, "idx", None)
+    if idx is not None:
+        t = torch.from_numpy(np.asarray(idx))
+        aa = (t[:, :, None] == t[:, None, :]).to(torch.float64)
+    else:
+        a = torch.from_numpy(np.ascontiguousarray(blk.a_in, dtype=np.float64))
+        aa = torch.bmm(a, a.transpose(1, 2))
+    if getattr(blk, "has_bias", False):
+        aa = aa + 1.0
+    return (aa * dd).sum(dim=(1, 2)).numpy()
+
+
 @dataclass
 class BlockInfo:
     """Shape of one engine block: where its parameters sit in the flat gradient and its factor sizes."""
@@ -264,8 +291,11 @@ class Projector:
             return V, None
         sq = np.zeros(len(V), dtype=np.float64)
         for bi, blk in enumerate(blocks):
+            ghost = None if bi in cache else ghost_sq_norms(blk)
             if blk.kind == "outer" and blk.d.shape[1] == 1 and getattr(blk, "has_weight", True) and bi not in cache:
                 sq += blk.sq_norms()
+            elif ghost is not None:
+                sq += ghost
             else:
                 m = mat(bi, blk)
                 sq += np.einsum("ij,ij->i", m, m, dtype=np.float64)

@@ -37,6 +37,7 @@ from indexer.data import load_payload
 from indexer.defaults import MAX_K, MAX_QUERIES
 from indexer.errors import FailedPrecondition, InvalidArgument, ModelMismatch, NotFound, ResourceExhausted
 from indexer.store import IndexSpec, VectorStore
+from indexer.text import text_description
 
 MODES = ("most", "least", "both")
 
@@ -92,6 +93,9 @@ class IndexDescription:
     created: str
     checkpoints: list[CheckpointDescription] = field(default_factory=list)
     gradient_dim: int | None = None
+    parameter_rules: dict[str, str] = field(default_factory=dict)  # parameter -> per-example gradient rule
+    rules_verified: bool | None = None  # the engine's check against a batched backward passed (None: not recorded)
+    text: dict[str, Any] | None = None  # text models: hf_kind and the tokenization (max_length, truncation, inputs)
 
     @classmethod
     def from_row(cls, r: IndexRow, gradient_dim: int | None = None) -> "IndexDescription":
@@ -103,7 +107,9 @@ class IndexDescription:
                    input_shape=r.config.get("input_shape"), path=r.path, created=r.created.isoformat(),
                    checkpoints=[CheckpointDescription(c.path, c.learning_rate, c.fingerprint)
                                 for c in r.model.checkpoints],
-                   gradient_dim=gradient_dim)
+                   gradient_dim=gradient_dim, parameter_rules=dict(r.config.get("parameter_rules") or {}),
+                   rules_verified=r.config.get("rules_verified"),
+                   text=text_description((r.config.get("build") or {}).get("model") or {}))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (``gradient_dim`` left out while unknown)."""
@@ -141,6 +147,7 @@ class GradIndex:
         self._description = IndexDescription.from_row(row)
         self._emb = None
         self._preprocess: Callable[[list[str]], Any] | None = None
+        self._text_encoder: Any = None
         self.lock = threading.RLock()  # the one lock: the engines keep per-call hook state
         if load_model:
             self.embedder()
@@ -183,7 +190,10 @@ class GradIndex:
         the first real query does not pay for it."""
         self.embedder()
         self.describe()
-        if self.input_shape:
+        if self.text_encoder() is not None:
+            # two texts: the engine checks chunks until one of two or more passes (else every 1-text query pays)
+            self.embed(*self.text_inputs(["warm up", "a second one"], [".", "."] if self.is_causal_lm else None))
+        elif self.input_shape:
             self.embed(np.zeros((1, *self.input_shape), dtype=np.float32))
 
     def model(self) -> Any:
@@ -196,9 +206,46 @@ class GradIndex:
         with self.lock:
             return emb.predict(X)
 
+    @property
+    def is_causal_lm(self) -> bool:
+        """Whether the index's model is a causal LM (queries are prompt + completion, targets are token ids)."""
+        return self.config.model.get("hf_kind") == "causal_lm"
+
+    def text_encoder(self) -> Any:
+        """The model's own tokenizer with the index's recorded settings (:class:`indexer.text.TextEncoder`),
+        loaded once; None when the model is not a Hugging Face directory."""
+        if self._text_encoder is None and "hf_dir" in self.config.model:
+            from indexer.text import TextEncoder
+
+            with self.lock:
+                self._text_encoder = self._text_encoder or TextEncoder.from_model(self.config.model)
+        return self._text_encoder
+
+    def text_inputs(self, texts: Any, completions: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(packed inputs, targets or None) of query texts, tokenized exactly as the build was.
+
+        A causal LM's targets are the token ids (-100 on padding); with ``completions`` the texts are
+        prompts and only the completions' tokens count. InvalidArgument for a model without a
+        tokenizer, completions for a classifier, empty or too long texts."""
+        enc = self.text_encoder()
+        if enc is None:
+            if self.config.data.get("preprocess") and completions is None:
+                return np.asarray(self.preprocess()(list(texts))), None
+            raise InvalidArgument(f"index {self.name!r} has a model of numeric inputs with no tokenizer: send "
+                                  "inputs as a Tensor, not texts.")
+        if completions is not None and len(completions):
+            if not self.is_causal_lm:
+                raise InvalidArgument(f"completions are for a causal LM; index {self.name!r} has a "
+                                      f"{self.config.model.get('hf_kind')} model: send texts only.")
+            return enc.encode_completions(texts, completions)
+        X = enc.encode(texts)
+        return X, (enc.lm_labels(X) if self.is_causal_lm else None)
+
     def preprocess(self) -> Callable[[list[str]], Any] | None:
-        """The index's text preprocessing (its build config's ``data.preprocess``, loaded once), which
-        turns raw texts into the model's numeric inputs; None for a model that takes numbers only."""
+        """The index's text preprocessing (its build config's ``data.preprocess``, loaded once, or the
+        model's own tokenizer), which turns raw texts into the model's numeric inputs; None for a
+        model that takes numbers only."""
+        self._preprocess = self._preprocess or (self.text_encoder().encode if self.text_encoder() else None)
         if self._preprocess is None:
             pre = self.config.data.get("preprocess")
             if not pre:
@@ -242,6 +289,8 @@ class GradIndex:
         pre = self.preprocess()
         if pre and (isinstance(X, (list, tuple)) or getattr(X, "dtype", None) is not None and X.dtype.kind in "OU"):
             X = np.asarray(pre(list(X)))
+        if Y is None and self.is_causal_lm:
+            Y = self.text_encoder().lm_labels(np.asarray(X))  # every real token counts
         if Y is not None:
             Y = np.asarray(Y)
             cn = self.class_names

@@ -33,13 +33,14 @@ class ChunkWorker:
     def __init__(self, cfg_json: dict[str, Any], layout: list[dict[str, Any]], chunk_dir: str) -> None:
         from indexer.chunks import set_threads
         from indexer.config import BuildConfig
-        from indexer.data import open_dataset
+        from indexer.text_data import open_build_dataset
         from indexer.embedder import Embedder
 
         self.cfg = BuildConfig.from_json(cfg_json)
         set_threads(self.cfg.build.get("threads") or 1)
         self.emb = Embedder.from_config(self.cfg, layout)
-        self.ds = open_dataset(self.cfg.data, self.cfg.model["task"], self.cfg.model.get("class_names"))
+        self.ds = open_build_dataset(self.cfg.data, self.cfg.model["task"], self.cfg.model.get("class_names"),
+                                     self.cfg.model)
         self.chunk_dir = Path(chunk_dir)
         self.cs = int(self.cfg.build["chunk_size"])
 

@@ -78,23 +78,36 @@ def _query(args: argparse.Namespace) -> int:
             for info in c.list_indexes():
                 print(f"{info.name}\tmodel={info.model}\tkernel={info.kernel}\tcount={info.count}\tdim={info.dim}")
             return 0
-        if args.input:
-            X = np.load(args.input)
-        else:  # a few shipped digits, so the command works out of the box against the demo server
-            from indexer.demo import load_digits_28
+        if args.completion and not args.text:
+            print("--completion needs --text (the prompt)")
+            return 2
+        if args.text:
+            res = c.find_similar(args.index, texts=args.text, completions=args.completion or None, k=args.k,
+                                 direction=args.direction, include_data=True)
+            n = len(args.text)
+        else:
+            if args.input:
+                X = np.load(args.input)
+            else:  # a few shipped digits, so the command works out of the box against the demo server
+                from indexer.demo import load_digits_28
 
-            X = load_digits_28()[0][-args.n:]
-        res = c.find_similar(args.index, X, k=args.k, direction=args.direction)
-        for q in range(len(X)):
+                X = load_digits_28()[0][-args.n:]
+            res = c.find_similar(args.index, X, k=args.k, direction=args.direction)
+            n = len(X)
+        for q in range(n):
             tgt = "" if res.targets is None else f" (target {res.targets[q]})"
-            print(f"query {q}{tgt}:")
+            head = f" {args.text[q]!r}" + (f" -> {args.completion[q]!r}" if args.completion else "") if args.text else ""
+            print(f"query {q}{head}{tgt}:")
             for name, hits in (("most similar", res.most), ("least similar", res.least)):
                 if hits is None:
                     continue
                 print(f"  {name}:")
-                for s, i, lab, ext in zip(hits.scores[q], hits.ids[q], hits.labels[q], hits.external_ids[q]):
+                texts = hits.texts[q] + [""] * len(hits.ids[q])
+                for s, i, lab, ext, text in zip(hits.scores[q], hits.ids[q], hits.labels[q], hits.external_ids[q],
+                                                texts):
                     if i >= 0:
-                        print(f"    id={i:<6d} label={lab:<3d} score={s: .6g} {ext}")
+                        print(f"    id={i:<6d} label={lab:<3d} score={s: .6g} {ext} {text!r}" if text else
+                              f"    id={i:<6d} label={lab:<3d} score={s: .6g} {ext}")
     return 0
 
 
@@ -124,6 +137,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--list", action="store_true", help="list the served indexes")
     q.add_argument("--input", help=".npy file with a batch of query examples (default: shipped digits)")
     q.add_argument("--n", type=int, default=3, help="without --input: how many shipped digits to query")
+    q.add_argument("--text", action="append", help="a raw text query (repeatable), tokenized by the server with the "
+                                                   "model's own tokenizer")
+    q.add_argument("--completion", action="append", help="causal LM: the completion of each --text prompt "
+                                                         "(only its tokens count)")
     q.add_argument("--k", type=int, default=5)
     q.add_argument("--direction", choices=("most", "least", "both"), default="most")
     q.add_argument("--token", help="bearer token (or env GRADINDEX_TOKEN)")

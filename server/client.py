@@ -42,6 +42,11 @@ class Hits:
     metadata: list[list[dict[str, str]]]
     data: np.ndarray | None = None
 
+    @property
+    def texts(self) -> list[list[str]]:
+        """The neighbours' stored texts (text indexes, when the stored examples were requested), else ""."""
+        return [[m.get("text", "") for m in row] for row in self.metadata]
+
 
 @dataclass
 class SimilarityResult:
@@ -102,6 +107,7 @@ def _examples(examples: Sequence[Any]) -> dict[str, Any]:
         "external_ids": [e.external_id for e in examples],
         "splits": [e.split for e in examples],
         "metadata": [dict(e.metadata) for e in examples],
+        "texts": [e.metadata.get("text", "") for e in examples],
         "self_influence": np.array([e.self_influence if e.HasField("self_influence") else np.nan
                                     for e in examples]),
     }
@@ -182,17 +188,34 @@ class GradIndexClient:
             targets = np.array([r.target for r in resp.results], dtype=np.int64)
         return SimilarityResult(most, least, targets, resp.index, resp.generation, timing)
 
-    def find_similar(self, index: str, X: np.ndarray, targets: np.ndarray | None = None, k: int = 5,
+    def find_similar(self, index: str, X: np.ndarray | None = None, targets: np.ndarray | None = None, k: int = 5,
                      direction: str = "most", labels: Sequence[int] = (), splits: Sequence[str] = (),
-                     include_data: bool = False, timeout: float | None = None) -> SimilarityResult:
+                     include_data: bool = False, timeout: float | None = None, *, texts: Sequence[str] | None = None,
+                     completions: Sequence[str] | None = None,
+                     named_inputs: dict[str, np.ndarray] | None = None) -> SimilarityResult:
         """Top-k most (``direction='most'``), least, or both similar training examples per query.
 
-        ``X`` is a batch (n, *input_shape); ``targets`` (n,) default to the model's predicted class;
-        ``labels``/``splits`` restrict the candidates.
+        The queries are one of: ``X``, a batch (n, *input_shape); ``texts``, raw strings the server
+        tokenizes with the model's own tokenizer (for a causal LM with ``completions``: prompts, and
+        only the completions' tokens count); ``named_inputs``, e.g. ``{"input_ids": ..,
+        "attention_mask": ..}`` (n, max_length) each. ``targets`` (n,) default to the model's
+        predicted class; ``labels``/``splits`` restrict the candidates.
         """
-        req = pb.FindSimilarRequest(index=index, inputs=to_tensor(np.asarray(X)), k=k,
+        if sum(v is not None for v in (X, texts, named_inputs)) != 1:
+            raise ValueError("give exactly one of X, texts or named_inputs.")
+        if isinstance(texts, str) or isinstance(completions, str):
+            raise ValueError("texts and completions are lists of strings: wrap one string in a list.")
+        req = pb.FindSimilarRequest(index=index, k=k,
                                     direction=_DIRECTIONS[direction], include_data=include_data,
                                     filter=pb.Filter(labels=list(labels), splits=list(splits)))
+        if X is not None:
+            req.inputs.CopyFrom(to_tensor(np.asarray(X)))
+        elif texts is not None:
+            req.texts.extend(list(texts))
+            req.completions.extend(list(completions or []))
+        else:
+            for name, arr in named_inputs.items():
+                req.named_inputs[name].CopyFrom(to_tensor(np.asarray(arr)))
         if targets is not None:
             req.targets.CopyFrom(to_tensor(np.asarray(targets)))
         resp, call = self._call(self.stub.FindSimilar, req, timeout, with_call=True)

@@ -87,7 +87,8 @@ def example_pb(rec: dict, include_data: bool) -> tpb.Example:
     return ex
 
 
-_INDEX_FIELDS = {"name", "model", "kernel", "count", "dim", "gradient_dim", "faiss", "fingerprint", "recall_at_10"}
+_INDEX_FIELDS = {"name", "model", "kernel", "count", "dim", "gradient_dim", "faiss", "fingerprint", "recall_at_10",
+                 "parameter_rules", "rules_verified"}
 
 
 def index_pb(name: str, d: IndexDescription, generation: int) -> tpb.IndexInfo:
@@ -99,6 +100,9 @@ def index_pb(name: str, d: IndexDescription, generation: int) -> tpb.IndexInfo:
         faiss_kind=d.faiss, status="ready", model_fingerprint=d.fingerprint, generation=generation)
     if d.recall_at_10 is not None:
         msg.recall = float(d.recall_at_10)
+    msg.parameter_rules.update({str(k): str(v) for k, v in (d.parameter_rules or {}).items()})
+    if d.rules_verified is not None:
+        msg.rules_verified = bool(d.rules_verified)
     msg.details.CopyFrom(to_struct(_no_host_paths({k: v for k, v in d.to_dict().items() if k not in _INDEX_FIELDS})))
     return msg
 

@@ -114,6 +114,14 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
                            f"calls of at most {self.max_batch}")
 
     def _decode_inputs(self, request: pb.FindSimilarRequest, served: Served) -> tuple[np.ndarray, np.ndarray | None]:
+        given = [f for f, on in (("inputs", request.HasField("inputs")), ("texts", len(request.texts) > 0),
+                                 ("named_inputs", len(request.named_inputs) > 0)) if on]
+        if len(given) > 1:
+            raise RpcError(SC.INVALID_ARGUMENT, f"send the queries one way: {' and '.join(given)} are both set")
+        if request.completions and not request.texts:
+            raise RpcError(SC.INVALID_ARGUMENT, "completions need texts (the prompts), one per completion")
+        if given and given[0] != "inputs":
+            return self._decode_text(request, served)
         if not request.HasField("inputs"):
             raise RpcError(SC.INVALID_ARGUMENT, "inputs is missing; send the query examples as a Tensor")
         X = from_tensor(request.inputs, "inputs", finite=True, min_ndim=1,
@@ -138,6 +146,47 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
                 bad = Y[(Y < 0) | (Y >= (n_cls or np.iinfo(np.int64).max))]
                 raise RpcError(SC.INVALID_ARGUMENT, f"targets must be class ids in [0, {n_cls or 'classes'}), "
                                f"got {clip(bad[:8].tolist())}")
+        return X, Y
+
+    def _decode_text(self, request: pb.FindSimilarRequest, served: Served) -> tuple[np.ndarray, np.ndarray | None]:
+        """Texts (tokenized by the index's own tokenizer) or named tensors → the packed inputs and,
+        for a causal LM, the token targets; INVALID_ARGUMENT for a model without a tokenizer."""
+        from indexer.text import IGNORE
+
+        index = served.index
+        enc = index.text_encoder()
+        if request.texts:
+            self._check_batch(len(request.texts), "texts")
+            X, Y = index.text_inputs(list(request.texts), list(request.completions) or None)
+        else:
+            if enc is None:
+                raise RpcError(SC.INVALID_ARGUMENT, f"index {served.name!r} has a model of one numeric input: send "
+                               "inputs, not named_inputs")
+            names = enc.spec.inputs
+            unknown = sorted(set(request.named_inputs) - set(names))
+            missing = [n for n in names if n not in request.named_inputs and n != "token_type_ids"]
+            if unknown or missing:
+                raise RpcError(SC.INVALID_ARGUMENT, f"named_inputs must be {', '.join(names)} "
+                               f"(unknown: {unknown or 'none'}, missing: {missing or 'none'})")
+            cols = {n: from_tensor(t, f"named_inputs[{n}]", ndim=2, dtypes=("int64", "int32"))
+                    for n, t in request.named_inputs.items()}
+            shapes = {tuple(c.shape) for c in cols.values()}
+            T = enc.max_length
+            if len(shapes) != 1 or next(iter(shapes))[1] != T:
+                raise RpcError(SC.INVALID_ARGUMENT, f"named_inputs must all be (batch, {T}) (the index's max_length, "
+                               f"padded), got {sorted(shapes)}")
+            n = next(iter(shapes))[0]
+            self._check_batch(n, "named_inputs")
+            X = np.stack([cols[nm].astype(np.int64) if nm in cols else np.zeros((n, T), np.int64) for nm in names], 1)
+            Y = enc.lm_labels(X) if index.is_causal_lm else None
+        if request.HasField("targets"):
+            T_ = from_tensor(request.targets, "targets", ndim=Y.ndim if Y is not None else 1)
+            if len(T_) != len(X):
+                raise RpcError(SC.INVALID_ARGUMENT, f"targets has {len(T_)} entries for {len(X)} queries")
+            if index.is_causal_lm and (T_.shape != Y.shape or ((T_ != IGNORE) & ((T_ < 0) | (T_ >= 2**31))).any()):
+                raise RpcError(SC.INVALID_ARGUMENT, f"targets of a causal LM are token ids (batch, {Y.shape[1]}), "
+                               "-100 for tokens that do not count")
+            Y = T_
         return X, Y
 
     # ---- responses ---------------------------------------------------------------------------

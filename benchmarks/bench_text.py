@@ -1,0 +1,214 @@
+"""Text-model benchmark (one thread, every ratio against a baseline measured in the same run).
+
+1. Index build of the text classifier example (T = ``--T``) in examples/s against one batched
+   backward of the same examples (target >= 0.5x).
+2. Peak RSS of a build as the number of examples doubles (fresh subprocess each; target: flat).
+3. LoGra-style factored projection vs TensorSketch vs the exact scores at k = 2,048 on the text
+   model: Spearman of each query's scores over the training set and recall@10 (targets >= 0.95 / >= 0.9).
+4. Served text-query p50 over gRPC (tokenization + the query's gradient + search) on an index of
+   ``--serve-n`` examples (target <= 25 ms at 20,000).
+
+    python benchmarks/bench_text.py [--quick]   # output also in benchmarks/results/bench_text.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._util import median_time, pin_threads  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "bench_text.txt"
+LINES: list[str] = []
+
+
+def say(s: str) -> None:
+    print(s, flush=True)
+    LINES.append(s)
+
+
+def cfg_for(model_dir: str, data: str, name: str, T: int, proj: dict, chunk: int = 32) -> dict:
+    return {"model": {"name": name, "hf_dir": model_dir, "hf_kind": "sequence_classification",
+                      "class_names": ["negative", "positive"], "text": {"max_length": T}},
+            "data": {"format": "jsonl", "path": data, "id_field": "id"},
+            "index": {"name": name, "kernel": "grad_dot", "faiss": "flat"}, "projection": proj,
+            "build": {"chunk_size": chunk, "threads": 1, "recall_sample": 0}}
+
+
+def write_jsonl(path: Path, n: int, seed: int) -> None:
+    from indexer.text_demo import sentiment_sentences
+
+    texts, labels = sentiment_sentences(n, seed)
+    with open(path, "w") as fh:
+        for i, (t, l) in enumerate(zip(texts, labels)):
+            fh.write(json.dumps({"id": f"s{i}", "text": t, "label": int(l)}) + "\n")
+
+
+def build_child(args: argparse.Namespace) -> None:
+    """Subprocess: build one index and print its peak RSS (so builds of different sizes do not share a heap)."""
+    import resource
+
+    from indexer.build import build_index
+
+    pin_threads(1)
+    cfg = json.loads(args.child)
+    t = time.perf_counter()
+    r = build_index(cfg, args.workdir, progress=False)
+    print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "n": r.count,
+                      "s": time.perf_counter() - t}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--T", type=int, default=128)
+    ap.add_argument("--serve-n", type=int, default=20000)
+    ap.add_argument("--child")
+    ap.add_argument("--workdir")
+    args = ap.parse_args()
+    if args.child:
+        return build_child(args)
+    pin_threads(1)
+    import torch
+
+    from indexer.build import build_index
+    from indexer.query import open_index
+    from indexer.text_demo import make_classifier_dir
+
+    quick = args.quick
+    T = 32 if quick else args.T
+    n_build = 64 if quick else 256
+    serve_n = 1000 if quick else args.serve_n
+    tmp = Path(tempfile.mkdtemp(prefix="bench_text_"))
+    say(f"bench_text: one thread, T={T}, {'quick' if quick else 'full'} run, {time.strftime('%Y-%m-%d %H:%M')} UTC")
+    info = make_classifier_dir(tmp / "model", n_train=400, epochs=4, hidden=64, layers=2, max_length=T)
+    say(f"model: BERT 2 layers, hidden 64, vocabulary {json.load(open(tmp / 'model' / 'config.json'))['vocab_size']}, "
+        f"trained on 400 generated sentences (train accuracy {info['accuracy']:.2f})")
+    data = tmp / "train.jsonl"
+    write_jsonl(data, n_build, 1)
+
+    # 1. build throughput vs one batched backward
+    proj = {"kind": "sketch", "dim": 2048}
+    def build_once(kind: str) -> float:
+        wd = tmp / "wd_speed"
+        shutil.rmtree(wd, ignore_errors=True)
+        return build_index(cfg_for(info["dir"], str(data), "speed", T, {"kind": kind, "dim": 2048}), wd,
+                           progress=False).compute_seconds
+    t_builds = {kind: statistics.median([build_once(kind) for _ in range(1 if quick else 3)])
+                for kind in ("factored", "sketch")}
+    idx = open_index(tmp / "wd_speed", "speed")
+    X, _ = idx.text_inputs([json.loads(l)["text"] for l in open(data)])
+    Y = np.asarray([json.loads(l)["label"] for l in open(data)])
+    model = idx.model()
+    def backward() -> None:
+        for s in range(0, len(X), 32):
+            model.zero_grad()
+            out = model(torch.as_tensor(X[s:s + 32]))
+            torch.nn.functional.cross_entropy(out, torch.as_tensor(Y[s:s + 32])).backward()
+    t_bw = median_time(backward, repeat=1 if quick else 3)
+    for kind, t_build in t_builds.items():
+        say(f"1. build ({kind} k=2048, grad_dot, flat, {n_build} texts) {n_build / t_build:.1f} ex/s vs one batched "
+            f"backward {n_build / t_bw:.1f} ex/s = {t_bw / t_build:.2f}x (target >= 0.5x)")
+
+    # 2. peak RSS as examples double (fresh subprocess each)
+    rss = []
+    for n in ((64, 128) if quick else (256, 512)):
+        d = tmp / f"rss_{n}.jsonl"
+        write_jsonl(d, n, 2)
+        wd = tmp / f"wd_rss_{n}"
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg_for(info["dir"], str(d), "rss", T, proj)),
+                              "--workdir", str(wd)], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rss.append((n, r["rss"]))
+    say(f"2. build peak RSS: {rss[0][0]} examples {rss[0][1] / 2**20:.0f} MiB, {rss[1][0]} examples "
+        f"{rss[1][1] / 2**20:.0f} MiB = {rss[1][1] / rss[0][1]:.2f}x as the examples double (target: flat, ~1.0x)")
+
+    # 3. LoGra-style vs TensorSketch vs exact at k=2048
+    from scipy.stats import spearmanr
+
+    from indexer.projection import Projector, ProjectionSpec, layout_of
+
+    eng = idx.embedder().engines[0]
+    n_tr, n_q = (64, 8) if quick else (256, 16)
+    Xtr, Ytr = X[:n_tr], Y[:n_tr]
+    Xq, _ = idx.text_inputs(["the film was really wonderful", "the plot was dull", "the cast was superb overall",
+                             "this movie was tedious", "the ending was clever", "the script was messy",
+                             "the soundtrack was beautiful", "the acting was weak"] * (n_q // 8))
+    Yq = idx.predict_targets(Xq)
+    G = eng.grads(Xtr, Ytr)
+    Gq = eng.grads(Xq, Yq)
+    exact = Gq.astype(np.float64) @ G.T.astype(np.float64)
+    say(f"3. exact gradients: {G.shape[1]:,} parameters; {n_tr} training texts, {n_q} queries")
+    _, probe_blocks = next(eng.iter_blocks(Xtr[:2], Ytr[:2]))
+    lay = layout_of(probe_blocks, eng.offsets())
+    res = {}
+    for kind in ("factored", "sketch"):
+        P = Projector(ProjectionSpec(kind=kind, dim=2048), lay)
+        def proj_rows(Xs, Ys):
+            return np.concatenate([P.project(b) for _, b in eng.iter_blocks(Xs, Ys)])
+        t0 = time.perf_counter()
+        V = proj_rows(Xtr, Ytr)
+        t_proj = time.perf_counter() - t0
+        S = proj_rows(Xq, Yq).astype(np.float64) @ V.T.astype(np.float64)
+        rho = [spearmanr(S[q], exact[q]).statistic for q in range(n_q)]
+        rec = [len(set(np.argsort(-S[q])[:10]) & set(np.argsort(-exact[q])[:10])) / 10 for q in range(n_q)]
+        res[kind] = (float(np.median(rho)), float(np.mean(rec)), n_tr / t_proj)
+        say(f"   {kind:9s} k=2048: Spearman median {res[kind][0]:.3f} (target >= 0.95), recall@10 {res[kind][1]:.2f} "
+            f"(target >= 0.9), {res[kind][2]:.1f} ex/s gradients+projection")
+    speed = {kind: t_bw / t for kind, t in t_builds.items()}
+    meets = {k: res[k][0] >= 0.95 and res[k][1] >= 0.9 and speed[k] >= 0.5 for k in res}
+    best = max(res, key=lambda k: (meets[k], res[k][0] + res[k][1]))
+    from indexer.defaults import TEXT_PROJECTION
+
+    say(f"   meets every target in this run (Spearman, recall@10, build >= 0.5x): "
+        f"{', '.join(f'{k} {meets[k]}' for k in res)}; this run's pick: {best}; the default "
+        f"(indexer/defaults.py, from repeated runs): {TEXT_PROJECTION['kind']}")
+    best = TEXT_PROJECTION["kind"]  # the served figure is for the default
+
+    # 4. served text-query p50
+    from server.app import GradIndexServer
+    from server.client import GradIndexClient
+    from server.config import ServerConfig
+
+    big = tmp / "serve.jsonl"
+    write_jsonl(big, serve_n, 3)
+    wd = tmp / "wd_serve"
+    t0 = time.perf_counter()
+    build_index(cfg_for(info["dir"], str(big), "serve", T, {"kind": best, "dim": 2048}, chunk=64), wd, progress=True)
+    say(f"4. served index: {serve_n:,} examples built in {time.perf_counter() - t0:.0f} s")
+    srv = GradIndexServer(ServerConfig(workdir=str(wd), indexes=["serve"], port=0)).start()
+    try:
+        c = GradIndexClient(f"127.0.0.1:{srv.port}")
+        texts = ["the film was really wonderful", "the plot was dull in every scene", "the cast was superb"]
+        for t in texts:
+            c.find_similar("serve", texts=[t], k=10)
+        lat = []
+        for i in range(30 if quick else 100):
+            t0 = time.perf_counter()
+            c.find_similar("serve", texts=[texts[i % 3]], k=10)
+            lat.append((time.perf_counter() - t0) * 1e3)
+        p50 = statistics.median(lat)
+        say(f"   text query p50 {p50:.1f} ms, p90 {np.percentile(lat, 90):.1f} ms over {len(lat)} queries (k=10; "
+            f"target <= 25 ms at 20,000 examples; index here {serve_n:,})")
+    finally:
+        srv.stop(0)
+    shutil.rmtree(tmp, ignore_errors=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    out = OUT if not quick else OUT.with_name("bench_text_quick.txt")
+    out.write_text("\n".join(LINES) + "\n")
+
+
+if __name__ == "__main__":
+    main()
