@@ -39,6 +39,8 @@ from indexer.data import ArrayDataset, Batch, IterableDataset, open_dataset, val
 from indexer.errors import ConfigError, FailedPrecondition, InvalidArgument
 from indexer.projection import Projector, layout_from_json, layout_of, layout_to_json
 from indexer.store import ExactSearcher, IndexSpec, VectorStore, recall_at_k
+from indexer import vectorstore  # noqa: E402 - two-stage / Milvus stores (hooks marked "vectorstore hook")
+from indexer.vectorstore import build_lock
 
 
 @dataclass
@@ -233,7 +235,8 @@ def build_index(config: str | Path | dict[str, Any] | BuildConfig, workdir: str 
     set_threads(cfg.build.get("threads", 0))
     cat = Catalog(workdir)
     try:
-        return _build(cfg, cat, dataset, resume, replace, new_version, engine, progress, ray_address, t0)
+        with build_lock(cat.workdir, cfg.name):  # vectorstore hook: one build per index name at a time
+            return _build(cfg, cat, dataset, resume, replace, new_version, engine, progress, ray_address, t0)
     finally:
         cat.close()
 
@@ -381,6 +384,7 @@ def _drop_index(cat: Catalog, s: Any, row: IndexRow) -> None:
         s.execute(delete(BuildChunk).where(BuildChunk.build_id == b.id))
         s.delete(b)
     s.execute(delete(Example).where(Example.index_id == row.id))
+    vectorstore.drop_store(cat.workdir, row.path, row.faiss_params, row.name, row.version)  # vectorstore hook
     if row.path:
         shutil.rmtree((cat.workdir / row.path).parent, ignore_errors=True)
     s.delete(row)
@@ -405,6 +409,33 @@ def _finalize(cfg: BuildConfig, cat: Catalog, index_id: int, build_id: int, chun
             raise FailedPrecondition(f"build {build_id} has {len(chunks)} of {b.n_chunks} chunks committed.")
         name, version, kernel, dim = row.name, row.version, row.kernel, row.dim
     spec = IndexSpec.from_dict(cfg.faiss.to_dict())
+    if vectorstore.handles(spec):  # vectorstore hook: two-stage FAISS / Milvus stores stream the shards
+        rel, recall, spec = vectorstore.build_store(spec, kernel, dim, n, lambda: iter_shards(chunk_dir, chunks),
+                                                    cat.workdir, name, version, cfg.build.get("recall_sample", 200))
+    else:
+        rel, recall = _build_faiss_file(cfg, cat, spec, kernel, dim, n, chunk_dir, chunks, name, version)
+    old_dirs = []
+    with cat.session() as s, s.begin():
+        row = s.get(IndexRow, index_id)
+        row.path, row.count, row.recall_at_10, row.status = str(rel), n, recall, "ready"
+        row.faiss_params = spec.to_dict()
+        b = s.get(Build, build_id)
+        b.status, b.finished = "done", __import__("datetime").datetime.utcnow()
+        if replace:
+            for old in s.scalars(select(IndexRow).where(IndexRow.name == name, IndexRow.id != index_id)):
+                if old.path:
+                    old_dirs.append((cat.workdir / old.path).parent)
+                _drop_index(cat, s, old)
+    for d in old_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    if not cfg.build.get("keep_shards"):
+        shutil.rmtree(chunk_dir, ignore_errors=True)
+    return n, recall, str(rel)
+
+
+def _build_faiss_file(cfg: BuildConfig, cat: Catalog, spec: IndexSpec, kernel: str, dim: int, n: int,
+                      chunk_dir: Path, chunks: Sequence[int], name: str, version: int) -> tuple[Path, float | None]:
+    """The single FAISS file of the flat and single-stage approximate kinds (merged in memory)."""
     if spec.augmented(kernel):
         spec.max_norm = float(max((np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).max(initial=0.0)
                                    for V, _ in iter_shards(chunk_dir, chunks)), default=0.0)) * (1 + 1e-6)
@@ -423,23 +454,7 @@ def _finalize(cfg: BuildConfig, cat: Catalog, index_id: int, build_id: int, chun
     recall = _measure_recall(store, chunk_dir, chunks, n, cfg.build.get("recall_sample", 200))
     rel = Path("indexes") / name / f"v{version}" / "index.faiss"
     store.save(cat.workdir / rel)
-    old_dirs = []
-    with cat.session() as s, s.begin():
-        row = s.get(IndexRow, index_id)
-        row.path, row.count, row.recall_at_10, row.status = str(rel), n, recall, "ready"
-        row.faiss_params = spec.to_dict()
-        b = s.get(Build, build_id)
-        b.status, b.finished = "done", __import__("datetime").datetime.utcnow()
-        if replace:
-            for old in s.scalars(select(IndexRow).where(IndexRow.name == name, IndexRow.id != index_id)):
-                if old.path:
-                    old_dirs.append((cat.workdir / old.path).parent)
-                _drop_index(cat, s, old)
-    for d in old_dirs:
-        shutil.rmtree(d, ignore_errors=True)
-    if not cfg.build.get("keep_shards"):
-        shutil.rmtree(chunk_dir, ignore_errors=True)
-    return n, recall, str(rel)
+    return rel, recall
 
 
 def _measure_recall(store: VectorStore, chunk_dir: Path, chunks: Sequence[int], n: int, sample: int) -> float | None:
