@@ -39,6 +39,7 @@ from indexer.vectorstore.base import check_query
 
 STORE_FILE = "store.json"
 EXACT_GATHER_ROWS = 16384  # rows gathered from the memory map per exact-scan step (bounded memory)
+RESIDENT_BUDGET = 256 << 20  # bytes of the vectors map touched before its pages are dropped from this process
 
 
 def _faiss():
@@ -204,6 +205,7 @@ class TwoStageStore:
         if mm is not None and hasattr(mm, "madvise"):
             mm.madvise(mmap.MADV_RANDOM)  # candidate rows are scattered: no read-ahead into resident memory
         self.ids = np.load(self.dir / "ids.npy")
+        self._touched = 0
         self._contig = bool(self.n and self.ids[-1] - self.ids[0] == self.n - 1 and np.all(np.diff(self.ids) == 1))
         self._sorter = None if self._contig else np.argsort(self.ids, kind="stable")
         inner = _inner(self.index)
@@ -223,6 +225,22 @@ class TwoStageStore:
         pass
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _gather(self, pos: np.ndarray) -> np.ndarray:
+        """Rows ``pos`` (sorted) of the full vectors, copied out of the map; keeps the map's resident share bounded.
+
+        Pages read through the map count in this process's resident set until dropped; after
+        RESIDENT_BUDGET bytes they are released with MADV_DONTNEED (they stay in the page cache, a
+        later read is a minor fault), so serving never makes the whole file resident.
+        """
+        out = np.asarray(self.X[pos])
+        self._touched += out.nbytes
+        if self._touched > RESIDENT_BUDGET:
+            mm = getattr(self.X, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
+            self._touched = 0
+        return out
+
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Storage positions of the given ids (unknown ids are dropped)."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
@@ -271,7 +289,7 @@ class TwoStageStore:
             pos = np.unique(P[i][P[i] >= 0])  # sorted: the reads go forward through the file
             if not len(pos):
                 continue
-            s = np.asarray(self.X[pos]) @ Q[i]
+            s = self._gather(pos) @ Q[i]
             kk = min(k, len(pos))
             top = np.argpartition(-s, kk - 1)[:kk] if len(pos) > kk else np.arange(len(pos))
             ids, sc = self.ids[pos[top]], s[top]
@@ -286,7 +304,7 @@ class TwoStageStore:
         total = self.n if pos is None else len(pos)
         for s in range(0, total, EXACT_GATHER_ROWS):
             sel = np.arange(s, min(total, s + EXACT_GATHER_ROWS)) if pos is None else pos[s:s + EXACT_GATHER_ROWS]
-            Xc = np.asarray(self.X[s:s + len(sel)]) if pos is None else np.asarray(self.X[sel])
+            Xc = self._gather(sel)
             s_, i_ = ExactSearcher(Xc, self.ids[sel]).search(Q, k)
             best_s, best_i = np.hstack([best_s, s_]), np.hstack([best_i, i_])
             order = np.lexsort((best_i, -best_s), axis=1)[:, :k] if best_s.shape[1] > k else \
