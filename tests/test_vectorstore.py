@@ -188,6 +188,17 @@ def test_milvus_build_killed_mid_write_resumes_to_the_same_collection(tmp_path):
     np.testing.assert_array_equal(Va, Vb)
     np.testing.assert_array_equal(Va, Vf)
     assert ref.count == N
+    # --replace builds version 2 and drops version 1's collection once version 2 is ready
+    from pymilvus import MilvusClient
+
+    from indexer.vectorstore.milvus import collection_name
+
+    assert build_index(cfg, wd, replace=True, progress=False).version == 2
+    c = MilvusClient(str(wd / "milvus.db"))
+    try:
+        assert c.list_collections() == [collection_name("tiny", 2)]
+    finally:
+        c.close()
 
 
 def test_a_second_build_of_the_same_name_gets_a_clear_error(tmp_path):
