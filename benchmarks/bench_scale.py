@@ -311,11 +311,12 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     flat = run_phase("truth", args)
     nbytes = args.n * args.dim * 4
+    b1_gbs, b64_gflops = nbytes * flat["b1_qps"] / 1e9, 2 * nbytes / 4 * flat["b64_qps"] / 1e9
     print(f"flat exact (GEMM + top-k over the memory-mapped vectors): truth for {args.queries} queries in "
-          f"{flat['truth_s']:.0f} s; batch1 {flat['b1_qps']:.2f} q/s = {nbytes * flat['b1_qps'] / 1e9:.1f} GB/s "
-          f"({nbytes * flat['b1_qps'] / 1e9 / mach['bandwidth_gbs']:.2f}x bandwidth); batch64 {flat['b64_qps']:.1f} q/s "
-          f"= {2 * nbytes / 4 * flat['b64_qps'] / 1e9:.0f} GFLOP/s ({2 * nbytes / 4 * flat['b64_qps'] / 1e9 / mach['gemm_gflops']:.2f}x "
-          f"GEMM peak); RSS {flat['mem']['VmRSS']:.2f} GiB (file-backed {flat['mem']['RssFile']:.2f})", flush=True)
+          f"{flat['truth_s']:.0f} s; batch1 {flat['b1_qps']:.2f} q/s = {b1_gbs:.1f} GB/s "
+          f"({b1_gbs / mach['bandwidth_gbs']:.2f}x bandwidth); batch64 {flat['b64_qps']:.1f} q/s = {b64_gflops:.0f} "
+          f"GFLOP/s ({b64_gflops / mach['gemm_gflops']:.2f}x GEMM peak); RSS {flat['mem']['VmRSS']:.2f} GiB "
+          f"(file-backed {flat['mem']['RssFile']:.2f})", flush=True)
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": mach, "flat": flat}
     table = []
     for which in ("ivf", "hnsw"):

@@ -39,7 +39,7 @@ from indexer.data import ArrayDataset, Batch, IterableDataset, open_dataset, val
 from indexer.errors import ConfigError, FailedPrecondition, InvalidArgument
 from indexer.projection import Projector, layout_from_json, layout_of, layout_to_json
 from indexer.store import ExactSearcher, IndexSpec, VectorStore, recall_at_k
-from indexer import vectorstore  # noqa: E402 - two-stage / Milvus stores (hooks marked "vectorstore hook")
+from indexer import vectorstore  # two-stage / Milvus stores (hooks marked "vectorstore hook")
 from indexer.vectorstore import build_lock
 
 

@@ -111,7 +111,8 @@ def open_store(path: str | os.PathLike, spec: IndexSpec | dict[str, Any], kernel
     return TwoStageStore(path.parent, spec, kernel, dim, mmap_index=bool(mmap))
 
 
-__all__ = ["handles", "build_store", "open_store", "drop_store", "build_lock", "BuildLocked", "TwoStageStore", "TwoStageWriter",
+__all__ = ["handles", "build_store", "open_store", "drop_store", "build_lock", "BuildLocked", "TwoStageStore",
+           "TwoStageWriter",
            "SearchBackend"]
 
 

@@ -85,7 +85,8 @@ def check_spec(spec: IndexSpec, kernel: str) -> None:
                               f"{', '.join(MILVUS_INDEXES)}.")
     if spec.milvus_index != "FLAT" and kernel in RAW_IP_KERNELS:
         raise InvalidArgument(f"index.milvus_index={spec.milvus_index!r} with kernel={kernel!r}: approximate "
-                              "indexes lose recall on raw inner products; use kernel='grad_cos' or milvus_index='FLAT'.")
+                              "indexes lose recall on raw inner products; use kernel='grad_cos' or "
+                              "milvus_index='FLAT'.")
 
 
 def _read_progress(path: Path) -> dict[str, Any]:

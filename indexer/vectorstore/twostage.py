@@ -54,7 +54,8 @@ def candidate_factory(spec: IndexSpec, n: int) -> str:
         return spec.factory
     nlist = spec.nlist or max(1, min(int(4 * np.sqrt(max(n, 1))), max(1, n // 39)))
     spec.nlist = nlist
-    return {"ivf": f"IVF{nlist},Flat", "ivf_sq8": f"IVF{nlist},SQ8", "ivf_pq": f"IVF{nlist},PQ{spec.pq_m}x{spec.pq_bits}",
+    return {"ivf": f"IVF{nlist},Flat", "ivf_sq8": f"IVF{nlist},SQ8",
+            "ivf_pq": f"IVF{nlist},PQ{spec.pq_m}x{spec.pq_bits}",
             "hnsw": f"HNSW{spec.hnsw_m},Flat"}[spec.kind]
 
 
