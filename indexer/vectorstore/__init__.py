@@ -80,12 +80,12 @@ def build_store(spec: IndexSpec, kernel: str, dim: int, n: int, shards: ShardSou
     recall = None
     try:
         if Q is not None:
-            k = min(10, n)
-            _, I_true = exact_topk(shards, Q, k)
+            k, m = min(10, n), len(Q)
+            _, I_both = exact_topk(shards, np.concatenate([Q, -Q]), k)  # "least similar" searches with -q
+            I_true, I_least = I_both[:m], I_both[m:]
             from indexer.store import recall_at_k
 
             recall = recall_at_k(store.search(Q, k)[1], I_true, k)
-            _, I_least = exact_topk(shards, -Q, k)  # "least similar" searches with -q: measure it too
             spec.recall_least = recall_at_k(store.search(-Q, k)[1], I_least, k)
             if isinstance(store, TwoStageStore):
                 P = store.candidates(Q, k)
