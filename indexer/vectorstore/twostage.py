@@ -40,6 +40,7 @@ from indexer.vectorstore.base import check_query
 STORE_FILE = "store.json"
 EXACT_GATHER_ROWS = 16384  # rows gathered from the memory map per exact-scan step (bounded memory)
 RESIDENT_BUDGET = 256 << 20  # bytes of the vectors map touched before its pages are dropped from this process
+FAULT_AROUND = 64 << 10  # a page fault on a cached file maps up to this much around it (Linux fault-around)
 
 
 def _faiss():
@@ -234,7 +235,7 @@ class TwoStageStore:
         later read is a minor fault), so serving never makes the whole file resident.
         """
         out = np.asarray(self.X[pos])
-        self._touched += out.nbytes
+        self._touched += out.nbytes + len(pos) * FAULT_AROUND  # what may have become resident, not just what was read
         if self._touched > RESIDENT_BUDGET:
             mm = getattr(self.X, "_mmap", None)
             if mm is not None and hasattr(mm, "madvise"):
