@@ -228,7 +228,8 @@ def phase_serve(d: Path, args: argparse.Namespace) -> dict:
     with open(vec, "rb") as fh:  # warm the OS page cache (not this process's memory), as a running server has it
         while fh.read(64 << 20):
             pass
-    print(f"  page cache warmed with {vec.stat().st_size / GiB:.2f} GiB of vectors.f32 in {time.perf_counter() - t:.0f} s "
+    print(f"  page cache warmed with {vec.stat().st_size / GiB:.2f} GiB of vectors.f32 in "
+          f"{time.perf_counter() - t:.0f} s "
           "(OS cache, outside this process's resident set)", flush=True)
     st = TwoStageStore(d / f"store_{args.which}", IndexSpec(factory="x", rerank=200), "grad_cos", Q.shape[1])
     rows = []
@@ -278,7 +279,8 @@ PHASES = {"machine": phase_machine, "truth": phase_truth, "build": phase_build, 
 def run_phase(name: str, args: argparse.Namespace, which: str = "") -> dict:
     """Run one phase in a fresh interpreter; its last stdout line is the JSON result."""
     cmd = [sys.executable, __file__, "--phase", name, "--which", which, "--data", str(args.data)]
-    for k in ("n", "dim", "queries", "threads", "hnsw_n", "milvus_n", "ivf", "pca", "hnsw", "train_sample", "b1_queries",
+    for k in ("n", "dim", "queries", "threads", "hnsw_n", "milvus_n", "ivf", "pca", "hnsw", "train_sample",
+              "b1_queries",
               "flat_b1", "milvus_queries"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -339,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     args.data.mkdir(parents=True, exist_ok=True)
     make_data(args.data, args.n, args.dim, args.queries, 600 if q else 10_000)
     mach = run_phase("machine", args)
-    print(f"machine (start of run): memory bandwidth {mach['bandwidth_gbs']:.1f} GB/s (sum-read {mach['read_gbs']:.1f}, "
-          f"copy {mach['copy_gbs']:.1f}), fp32 GEMM {mach['gemm_gflops']:.0f} GFLOP/s (2048^3), {args.threads} thread(s)",
+    print(f"machine (start of run): memory bandwidth {mach['bandwidth_gbs']:.1f} GB/s (sum-read "
+          f"{mach['read_gbs']:.1f}, copy {mach['copy_gbs']:.1f}), fp32 GEMM {mach['gemm_gflops']:.0f} GFLOP/s (2048^3), "
+          f"{args.threads} thread(s)",
           flush=True)
     flat = run_phase("truth", args)
     nbytes = args.n * args.dim * 4
