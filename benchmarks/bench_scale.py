@@ -234,6 +234,8 @@ def phase_serve(d: Path, args: argparse.Namespace) -> dict:
     st = TwoStageStore(d / f"store_{args.which}", IndexSpec(factory="x", rerank=200), "grad_cos", Q.shape[1])
     rows = []
     settings = HNSW_SETTINGS if args.which == "hnsw" else IVF_SETTINGS
+    if args.settings:  # "nprobe_or_ef:rerank,..." (a re-measurement of one store)
+        settings = [tuple(int(v) for v in x.split(":")) for x in args.settings.split(",")]
     for p, r in settings:
         kw = {"ef_search": p} if args.which == "hnsw" else {"nprobe": p}
         import resource
@@ -309,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flat-b1", type=int, default=5, help="queries timed one by one on the flat scan")
     ap.add_argument("--milvus-queries", type=int, default=200)
     ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--settings", default="", help="serve phase only: 'param:rerank,...' instead of the defaults")
     ap.add_argument("--phase", default="", help=argparse.SUPPRESS)
     ap.add_argument("--which", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
