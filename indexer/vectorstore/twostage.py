@@ -4,7 +4,8 @@ Stage 1 searches a compact candidate index (any FAISS ``index_factory`` string: 
 ``IVF1024,PQ256x8``, ``HNSW32,SQ8``, ``PCA256,IVF256,Flat`` ...) for the ``rerank`` best
 candidates. Stage 2 re-scores those candidates exactly, against the full-precision float32
 vectors stored in ``vectors.f32`` and *memory-mapped* (only the candidate rows are read; the OS
-reads ahead nothing, the map is advised ``MADV_RANDOM``), and returns the exact top-k by exact
+reads ahead nothing; re-scoring reads the candidate rows with ``pread``, exact scans go through the
+map, advised ``MADV_RANDOM``), and returns the exact top-k by exact
 score. Every returned score is an exact inner product; what stays approximate is only whether a
 true neighbour made it into the candidates, which the build measures (recall@10 of the two-stage
 search and of the candidate index alone, against brute force over the build's shards) and records.
@@ -208,6 +209,9 @@ class TwoStageStore:
             mm.madvise(mmap.MADV_RANDOM)  # candidate rows are scattered: no read-ahead into resident memory
         self.ids = np.load(self.dir / "ids.npy")
         self._base_resident = self._file_resident()
+        self._fd = os.open(vec, os.O_RDONLY)  # re-scoring reads candidate rows with pread: nothing gets mapped
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
         self._contig = bool(self.n and self.ids[-1] - self.ids[0] == self.n - 1 and np.all(np.diff(self.ids) == 1))
         self._sorter = None if self._contig else np.argsort(self.ids, kind="stable")
         inner = _inner(self.index)
@@ -224,7 +228,31 @@ class TwoStageStore:
         return self.X, self.ids
 
     def close(self) -> None:
-        pass
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (AttributeError, OSError):
+            pass
+
+    def read_rows(self, pos: np.ndarray) -> np.ndarray:
+        """Rows ``pos`` of the full vectors read with ``pread`` (from the page cache or disk), one call per row.
+
+        Mapping the rows instead costs a page fault per row, and a fault can map far more than the
+        row (measured ~700 KiB per 8 KiB row here), which at a million rows made re-scoring 300
+        candidates take ~7 ms; a pread copies just the row.
+        """
+        row = self.dim * 4
+        out = np.empty((len(pos), self.dim), np.float32)
+        buf = memoryview(out).cast("B")
+        for j, p in enumerate(pos.tolist()):
+            if os.preadv(self._fd, [buf[j * row:(j + 1) * row]], p * row) != row:
+                raise FailedPrecondition(f"{self.dir / 'vectors.f32'} is shorter than its {self.n} rows: rebuild "
+                                         "the index with --replace.")
+        return out
 
     # ---- helpers ------------------------------------------------------------------------------
     def _gather(self, pos: np.ndarray) -> np.ndarray:
@@ -301,7 +329,7 @@ class TwoStageStore:
             pos = np.unique(P[i][P[i] >= 0])  # sorted: the reads go forward through the file
             if not len(pos):
                 continue
-            s = self._gather(pos) @ Q[i]
+            s = self.read_rows(pos) @ Q[i]
             kk = min(k, len(pos))
             top = np.argpartition(-s, kk - 1)[:kk] if len(pos) > kk else np.arange(len(pos))
             ids, sc = self.ids[pos[top]], s[top]
