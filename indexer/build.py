@@ -42,6 +42,7 @@ from indexer.build_lock import build_lock
 from indexer.errors import ConfigError, FailedPrecondition, InvalidArgument
 from indexer.projection import layout_to_json
 from indexer.store import ExactSearcher, IndexSpec, VectorStore, recall_at_k
+from indexer import vectorstore  # two-stage / Milvus stores (hooks marked "vectorstore hook")
 
 
 @dataclass
@@ -257,6 +258,7 @@ def _drop_index(cat: Catalog, s: Any, row: IndexRow) -> None:
         s.execute(delete(BuildChunk).where(BuildChunk.build_id == b.id))
         s.delete(b)
     s.execute(delete(Example).where(Example.index_id == row.id))
+    vectorstore.drop_store(cat.workdir, row.path, row.faiss_params, row.name, row.version)  # vectorstore hook
     if row.path:
         shutil.rmtree((cat.workdir / row.path).parent, ignore_errors=True)
     s.delete(row)
@@ -274,6 +276,33 @@ def _finalize(cfg: BuildConfig, cat: Catalog, index_id: int, build_id: int, chun
             raise FailedPrecondition(f"build {build_id} has {len(chunks)} of {b.n_chunks} chunks committed.")
         name, version, kernel, dim = row.name, row.version, row.kernel, row.dim
     spec = IndexSpec.from_dict(cfg.faiss.to_dict())
+    if vectorstore.handles(spec):  # vectorstore hook: two-stage FAISS / Milvus stores stream the shards
+        rel, recall, spec = vectorstore.build_store(spec, kernel, dim, n, lambda: iter_shards(chunk_dir, chunks),
+                                                    cat.workdir, name, version, cfg.build.get("recall_sample", 200))
+    else:
+        rel, recall = _build_faiss_file(cfg, cat, spec, kernel, dim, n, chunk_dir, chunks, name, version)
+    old_dirs = []
+    with cat.session() as s, s.begin():
+        row = s.get(IndexRow, index_id)
+        row.path, row.count, row.recall_at_10, row.status = str(rel), n, recall, "ready"
+        row.faiss_params = spec.to_dict()
+        b = s.get(Build, build_id)
+        b.status, b.finished = "done", __import__("datetime").datetime.utcnow()
+        if replace:
+            for old in s.scalars(select(IndexRow).where(IndexRow.name == name, IndexRow.id != index_id)):
+                if old.path:
+                    old_dirs.append((cat.workdir / old.path).parent)
+                _drop_index(cat, s, old)
+    for d in old_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    if not cfg.build.get("keep_shards"):
+        shutil.rmtree(chunk_dir, ignore_errors=True)
+    return n, recall, str(rel)
+
+
+def _build_faiss_file(cfg: BuildConfig, cat: Catalog, spec: IndexSpec, kernel: str, dim: int, n: int,
+                      chunk_dir: Path, chunks: Sequence[int], name: str, version: int) -> tuple[Path, float | None]:
+    """The single FAISS file of the flat and single-stage approximate kinds (merged in memory)."""
     if spec.augmented(kernel):
         spec.max_norm = float(max((np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).max(initial=0.0)
                                    for V, _ in iter_shards(chunk_dir, chunks)), default=0.0)) * (1 + 1e-6)
@@ -292,23 +321,7 @@ def _finalize(cfg: BuildConfig, cat: Catalog, index_id: int, build_id: int, chun
     recall = _measure_recall(store, chunk_dir, chunks, n, cfg.build.get("recall_sample", RECALL_SAMPLE))
     rel = Path("indexes") / name / f"v{version}" / "index.faiss"
     store.save(cat.workdir / rel)
-    old_dirs = []
-    with cat.session() as s, s.begin():
-        row = s.get(IndexRow, index_id)
-        row.path, row.count, row.recall_at_10, row.status = str(rel), n, recall, "ready"
-        row.faiss_params = spec.to_dict()
-        b = s.get(Build, build_id)
-        b.status, b.finished = "done", __import__("datetime").datetime.utcnow()
-        if replace:
-            for old in s.scalars(select(IndexRow).where(IndexRow.name == name, IndexRow.id != index_id)):
-                if old.path:
-                    old_dirs.append((cat.workdir / old.path).parent)
-                _drop_index(cat, s, old)
-    for d in old_dirs:
-        shutil.rmtree(d, ignore_errors=True)
-    if not cfg.build.get("keep_shards"):
-        shutil.rmtree(chunk_dir, ignore_errors=True)
-    return n, recall, str(rel)
+    return rel, recall
 
 
 def _measure_recall(store: VectorStore, chunk_dir: Path, chunks: Sequence[int], n: int, sample: int) -> float | None:

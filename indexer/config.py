@@ -25,7 +25,8 @@ MODEL_KEYS = {"name", "framework", "entry", "weights", "keras_model", "loss", "t
 DATA_KEYS = {"format", "path", "x", "y", "ids", "labels", "split", "limit", "size", "mode", "layout", "label",
              "features", "text_field", "label_field", "id_field", "preprocess", "dtype", "scale", "block_size"}
 INDEX_KEYS = {"name", "kernel", "faiss", "nlist", "nprobe", "pq_m", "pq_bits", "hnsw_m", "ef_construction",
-              "ef_search", "mips"}
+              "ef_search", "mips", "factory", "rerank", "train_sample", "backend", "milvus_uri", "milvus_token_env",
+              "milvus_index", "milvus_batch"}
 PROJ_KEYS = {"kind", "dim", "dist", "seed", "block_rows"}
 BUILD_KEYS = {"chunk_size", "threads", "recall_sample", "keep_shards"}
 TOP_KEYS = {"model", "data", "index", "projection", "build", "setup"}

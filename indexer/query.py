@@ -38,6 +38,7 @@ from indexer.defaults import MAX_K, MAX_QUERIES
 from indexer.errors import FailedPrecondition, InvalidArgument, ModelMismatch, NotFound, ResourceExhausted
 from indexer.store import IndexSpec, VectorStore
 from indexer.text import text_description
+from indexer import vectorstore  # two-stage / Milvus stores (hook marked "vectorstore hook")
 
 MODES = ("most", "least", "both")
 
@@ -398,6 +399,7 @@ class GradIndex:
         return self.store.vectors()
 
     def close(self) -> None:
+        getattr(self.store, "close", lambda: None)()  # vectorstore hook: Milvus clients hold a connection
         self._cat.close()
 
 
@@ -423,7 +425,11 @@ def open_index(workdir: str | Path, name: str, version: int | None = None, mmap:
     if not path.exists():
         cat.close()
         raise FailedPrecondition(f"index file {path} is missing: rebuild the index with --replace.")
-    store = VectorStore.load(path, IndexSpec.from_dict(row.faiss_params), row.kernel, row.dim, mmap=mmap)
+    spec = IndexSpec.from_dict(row.faiss_params)
+    if vectorstore.handles(spec):  # vectorstore hook: two-stage FAISS / Milvus stores
+        store = vectorstore.open_store(path, spec, row.kernel, row.dim, cat.workdir, mmap=mmap)
+    else:
+        store = VectorStore.load(path, spec, row.kernel, row.dim, mmap=mmap)
     try:
         return GradIndex(cat, row, store, load_model=load_model, max_k=max_k)
     except BaseException:

@@ -27,8 +27,9 @@ import numpy as np
 
 from indexer.errors import InvalidArgument
 
-FAISS_KINDS = ("flat", "ivf", "ivf_sq8", "ivf_pq", "hnsw")
+FAISS_KINDS = ("flat", "ivf", "ivf_sq8", "ivf_pq", "hnsw", "factory")
 APPROX_KINDS = FAISS_KINDS[1:]
+BACKENDS = ("faiss", "milvus")
 RAW_IP_KERNELS = ("grad_dot", "grad_asym_dot")
 MMAP_THRESHOLD = 256 << 20  # indexes larger than this load memory-mapped
 
@@ -47,8 +48,36 @@ class IndexSpec:
     ef_search: int = 64
     mips: str = "augment"  # for grad_dot / grad_asym_dot under approximate kinds: augment | refuse
     max_norm: float = 0.0  # M of the MIPS augmentation, set at build
+    # two-stage search and other backends (indexer.vectorstore): see docs/indexer.md
+    factory: str = ""  # FAISS index_factory string of the candidate index, e.g. "IVF1024,SQ8"; sets kind "factory"
+    rerank: int = 0  # rescore this many candidates exactly against the full-precision vectors (0 = off)
+    train_sample: int = 0  # rows sampled (uniformly, seeded) to train IVF/PQ/PCA; 0 = automatic
+    backend: str = "faiss"  # faiss (in process) | milvus (pymilvus: Milvus Lite file or cluster URI)
+    milvus_uri: str = ""  # "" = Milvus Lite file milvus.db in the workdir; a path, or http(s)://host:19530
+    milvus_token_env: str = "MILVUS_TOKEN"  # environment variable holding the cluster token (never stored)
+    milvus_index: str = "FLAT"  # Milvus index type: FLAT (exact), IVF_FLAT, IVF_SQ8, HNSW
+    milvus_batch: int = 1000  # rows per Milvus upsert during a build
+    recall_stage1: float | None = None  # recall@10 of the candidate index alone (set at build, two-stage)
+    recall_least: float | None = None  # recall@10 of least-similar (-q) searches (set at build, vectorstore)
 
     def __post_init__(self) -> None:
+        if self.factory and self.kind in ("flat", "factory"):
+            self.kind = "factory"
+        elif self.factory:
+            raise InvalidArgument(f"index.factory={self.factory!r} replaces index.faiss={self.kind!r}: give one.")
+        if self.kind == "factory" and not self.factory:
+            raise InvalidArgument("index.faiss='factory' needs index.factory, a FAISS index_factory string "
+                                  "such as 'IVF1024,SQ8' or 'HNSW32,SQ8'.")
+        if self.backend not in BACKENDS:
+            raise InvalidArgument(f"index.backend {self.backend!r} is unknown: use one of {', '.join(BACKENDS)}.")
+        if int(self.rerank) < 0 or int(self.train_sample) < 0 or int(self.milvus_batch) <= 0:
+            raise InvalidArgument("index.rerank and index.train_sample must be >= 0, index.milvus_batch > 0.")
+        if self.rerank and self.kind == "flat":
+            raise InvalidArgument("index.rerank re-scores the candidates of an approximate index; a flat index is "
+                                  "already exact: drop index.rerank or choose index.factory (e.g. 'IVF1024,SQ8').")
+        if self.backend == "milvus" and (self.kind not in ("flat",) or self.rerank):
+            raise InvalidArgument("index.backend='milvus' chooses its index with index.milvus_index; leave "
+                                  "index.faiss='flat' and drop index.factory / index.rerank.")
         if self.kind not in FAISS_KINDS:
             raise InvalidArgument(f"index.faiss {self.kind!r} is unknown: use one of {', '.join(FAISS_KINDS)}.")
         if self.mips not in ("augment", "refuse"):
@@ -89,6 +118,8 @@ def make_index(spec: IndexSpec, dim: int, kernel: str, n_hint: int) -> Any:
     """An empty FAISS index for ``dim``-dimensional vectors of ``kernel``; ``n_hint`` sizes IVF lists."""
     faiss = _faiss()
     spec.check_kernel(kernel, dim)
+    if spec.kind == "factory":
+        raise InvalidArgument("index.factory indexes are built by indexer.vectorstore (two-stage store).")
     aug = spec.augmented(kernel)
     d = dim + int(aug)
     metric = faiss.METRIC_L2 if aug else faiss.METRIC_INNER_PRODUCT
