@@ -465,7 +465,7 @@ def trace(model: nn.Module, dtype: torch.dtype) -> tuple[fx.GraphModule, int]:
     the supported layers. Returns the graph module and its number of Linear/Conv calls."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"BiLRP needs a torch.nn.Module, got {type(model).__name__}")
-    m = copy.deepcopy(model).eval().to(dtype)
+    m = _copy_without_hooks(model).eval().to(dtype)
     for p in m.parameters():
         p.requires_grad_(False)
     gm = _trace(m)
@@ -532,3 +532,31 @@ def prepare(traced: fx.GraphModule, example: torch.Tensor, rules: list[str], *, 
 
     return Prepared(module=gm, linear_names=linear_names, composite=Composite(module_map=module_map),
                     bounds=bounds, first_linear=modules[linear_names[0]], rewrites=done)
+
+
+def _copy_without_hooks(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that carries none of its hooks.
+
+    A served model has hooks of its gradient engine registered (bound methods of an object that
+    holds locks); copying them would copy that object, which cannot be copied, and BiLRP must not
+    run them anyway. The hooks' owners are shared with the copy, never copied, and the copy's
+    hook tables are then emptied.
+    """
+    memo: dict[int, Any] = {}
+    tables = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+    for mod in model.modules():
+        for t in tables:
+            table = getattr(mod, t, None)
+            if isinstance(table, dict):
+                for h in table.values():
+                    owner = getattr(h, "__self__", None)
+                    if owner is not None:
+                        memo[id(owner)] = owner
+    m = copy.deepcopy(model, memo)
+    for mod in m.modules():
+        for t in tables:
+            table = getattr(mod, t, None)
+            if isinstance(table, dict):
+                table.clear()
+    return m
