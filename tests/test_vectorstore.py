@@ -56,7 +56,7 @@ def test_two_stage_returns_the_flat_top10_exactly_on_digits(digits):
     np.testing.assert_array_equal(b.least_ids, a.least_ids)
     np.testing.assert_allclose(b.least_scores, a.least_scores, rtol=1e-5, atol=1e-6)
     # recall against exact flat search, measured at build time and recorded in the catalog
-    info = two.info()
+    info = two.describe().to_dict()
     assert info["recall_at_10"] == 1.0 and info["faiss_params"]["recall_least"] == 1.0
     assert 0.0 <= info["faiss_params"]["recall_stage1"] <= 1.0
     # rerank=0: the candidate index's own top 10, re-scored; every returned score is still exact
