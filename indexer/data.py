@@ -306,21 +306,8 @@ def open_dataset(data: dict[str, Any], task: str = "classification", class_names
     # jsonl
     from indexer.entries import load_entry
 
-    tf, lf, idf = data.get("text_field", "text"), data.get("label_field", "label"), data.get("id_field")
-    texts, labels, ids = [], [], []
-    with open(path) as fh:
-        for ln, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError("data.path", f"line {ln + 1} of {path} is not JSON: {exc}") from exc
-            if tf not in rec:
-                raise ConfigError("data.text_field", f"line {ln + 1} has no field {tf!r}.")
-            texts.append(str(rec[tf]))
-            labels.append(rec.get(lf))
-            ids.append(str(rec[idf]) if idf and idf in rec else str(ln))
+    texts, labels, ids = read_jsonl_texts(path, data.get("text_field", "text"), data.get("label_field", "label"),
+                                          data.get("id_field"))
     if limit:
         texts, labels, ids = texts[:limit], labels[:limit], ids[:limit]
     Y = None
@@ -404,3 +391,24 @@ def validate_arrays(ds: ArrayDataset | IterableDataset, chunk_size: int, n_class
 
 __all__ = ["Batch", "ArrayDataset", "IterableDataset", "open_dataset", "load_payload", "validate_arrays",
            "check_data_section", "FORMATS"]
+
+
+def read_jsonl_texts(path: str | Path, tf: str, lf: str | None, idf: str | None
+                     ) -> tuple[list[str], list[Any], list[str]]:
+    """Texts, labels (None where absent or no label field) and ids (the id field, else the line
+    number) of a JSONL file; a line that is not JSON or lacks the text field is a ConfigError."""
+    texts, labels, ids = [], [], []
+    with open(path) as fh:
+        for ln, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError("data.path", f"line {ln + 1} of {path} is not JSON: {exc}") from exc
+            if tf not in rec:
+                raise ConfigError("data.text_field", f"line {ln + 1} has no field {tf!r}.")
+            texts.append(str(rec[tf]))
+            labels.append(rec.get(lf) if lf else None)
+            ids.append(str(rec[idf]) if idf and idf in rec else str(ln))
+    return texts, labels, ids

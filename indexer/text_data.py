@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.data import ArrayDataset, _labels_to_int, open_dataset
+from indexer.data import ArrayDataset, _labels_to_int, open_dataset, read_jsonl_texts
 from indexer.errors import ConfigError
 
 
@@ -36,19 +36,7 @@ def _read_records(data: dict[str, Any]) -> tuple[list[str], list[Any], list[str]
     idf = data.get("id_field") or data.get("ids")
     texts, labels, ids = [], [], []
     if fmt == "jsonl":
-        with open(path) as fh:
-            for ln, line in enumerate(fh):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError("data.path", f"line {ln + 1} of {path} is not JSON: {exc}") from exc
-                if tf not in rec:
-                    raise ConfigError("data.text_field", f"line {ln + 1} has no field {tf!r}.")
-                texts.append(str(rec[tf]))
-                labels.append(rec.get(lf) if lf else None)
-                ids.append(str(rec[idf]) if idf and idf in rec else str(ln))
+        texts, labels, ids = read_jsonl_texts(path, tf, lf, idf)
     else:
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
