@@ -1,12 +1,16 @@
-"""Shared benchmark helpers: thread pinning, repeated timing with medians, RSS, ratio printing."""
+"""Shared benchmark helpers: thread pinning, repeated timing with medians, RSS, ratio printing,
+and starting ``gradindex serve`` in a subprocess."""
 
 from __future__ import annotations
 
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -94,3 +98,23 @@ def row(label: str, value: float, unit: str, baseline: float | None = None, base
     if baseline:
         s += f"   ({value / baseline:.2f}x {baseline_name})"
     return s
+
+
+def start_serve(config: Path, cwd: Path) -> tuple[subprocess.Popen, int, int | None]:
+    """Start ``gradindex serve --config config`` in its own process and wait until it serves.
+
+    The server gets one thread per framework, unbuffered output and at most two malloc arenas
+    (otherwise glibc gives each of the many handler threads its own arena, which shows up as RSS
+    that grows with the concurrency level, not with the number of requests). Returns the process,
+    its gRPC port and its metrics port (None when metrics are off); raises if it does not start.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MALLOC_ARENA_MAX="2")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(config)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    line = proc.stdout.readline()  # "gradindex: serving [...] on HOST:PORT[, metrics on :MPORT]"
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    port = int(line.split(" on ")[1].split(":")[1].split(",")[0])
+    mport = int(line.rsplit(":", 1)[1]) if ", metrics on :" in line else None
+    return proc, port, mport
