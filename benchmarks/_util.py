@@ -49,6 +49,22 @@ def median_time(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> floa
     return statistics.median(ts)
 
 
+def engine_rates(eng: Any, X: Any, y: Any, repeat: int) -> dict[str, float]:
+    """Examples/s of a gradient engine over ``X``: gradients kept per layer (blocks) and flattened
+    into rows (one reused buffer), each the median of ``repeat`` timed runs."""
+
+    def blocks() -> None:
+        for _ in eng.iter_blocks(X, y):
+            pass
+
+    def flat() -> None:
+        for _ in eng.iter_grads(X, y, reuse_buffer=True):
+            pass
+
+    return {"engine, per layer": len(X) / median_time(blocks, repeat),
+            "engine, flat rows": len(X) / median_time(flat, repeat)}
+
+
 def max_rss_bytes() -> int:
     """Peak resident set size of this process so far (bytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
