@@ -333,7 +333,8 @@ class GradientEngine(ABC):
             scale = max(np.abs(ref).max(initial=0.0), np.abs(got).max(initial=0.0), floor)
             err = np.abs(got - ref).max(initial=0.0)
             if err > tol * scale or not np.isfinite(err):
-                bad[p] = f"the numeric check failed: weighted sum off by {err / max(scale, 1e-300):.2g} of its largest entry"
+                bad[p] = (f"the numeric check failed: weighted sum off by {err / max(scale, 1e-300):.2g} "
+                          "of its largest entry")
         return bad
 
     # ---- shared -------------------------------------------------------------

@@ -319,39 +319,25 @@ class KerasEngine(GradientEngine):
             idx = tf.concat([tf.reshape(tf.cast(inp, tf.int64), [tf.shape(g)[0], -1]) for inp, g in calls], 1)
             d = tf.concat([tf.reshape(g, [tf.shape(g)[0], -1, int(dim)]) for inp, g in calls], 1)
             return Block(layer.name, "outer", parts, idx=idx.numpy(), vocab=int(V), d=d.numpy(), layout="in_out")
-        if kind == "layernorm":
-            parts, (has_g, has_b) = self._parts(layer, ("gamma", "beta"))
-            if not parts:
-                return None
-            full = None
-            for inp, g in calls:
-                inp = tf.cast(tf.convert_to_tensor(inp), g.dtype)
-                u = keras.ops.layer_normalization(inp, None, None, layer.axis, layer.epsilon,
-                                                  rms_scaling=getattr(layer, "rms_scaling", False))
-                n = tf.shape(g)[0]
-                c = int(np.prod((layer.gamma if layer.gamma is not None else layer.beta).shape))
-                pieces = []
-                if has_g:
-                    pieces.append(tf.reduce_sum(tf.reshape(g * tf.cast(u, g.dtype), [n, -1, c]), 1))
-                if has_b:
-                    pieces.append(tf.reduce_sum(tf.reshape(g, [n, -1, c]), 1))
-                rows = tf.concat(pieces, axis=1)
-                full = rows if full is None else full + rows
-            return Block(layer.name, "full", parts, full=full.numpy())
-        # batch normalization, inference statistics
+        # layer or batch normalization, y = γ ⊙ u(x) + β: per example, Σ g ⊙ u over positions and Σ g
         parts, (has_g, has_b) = self._parts(layer, ("gamma", "beta"))
         if not parts:
             return None
         full = None
         for inp, g in calls:
             inp = tf.cast(tf.convert_to_tensor(inp), g.dtype)
-            xhat = (inp - tf.cast(layer.moving_mean, g.dtype)) / tf.sqrt(
-                tf.cast(layer.moving_variance, g.dtype) + layer.epsilon)
+            if kind == "layernorm":
+                u = tf.cast(keras.ops.layer_normalization(inp, None, None, layer.axis, layer.epsilon,
+                                                          rms_scaling=getattr(layer, "rms_scaling", False)), g.dtype)
+                c = int(np.prod((layer.gamma if layer.gamma is not None else layer.beta).shape))
+            else:  # batch normalization, inference statistics
+                u = (inp - tf.cast(layer.moving_mean, g.dtype)) / tf.sqrt(
+                    tf.cast(layer.moving_variance, g.dtype) + layer.epsilon)
+                c = int(g.shape[-1])
             n = tf.shape(g)[0]
-            c = int(g.shape[-1])
             pieces = []
             if has_g:
-                pieces.append(tf.reduce_sum(tf.reshape(g * xhat, [n, -1, c]), 1))
+                pieces.append(tf.reduce_sum(tf.reshape(g * u, [n, -1, c]), 1))
             if has_b:
                 pieces.append(tf.reduce_sum(tf.reshape(g, [n, -1, c]), 1))
             rows = tf.concat(pieces, axis=1)
