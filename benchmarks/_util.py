@@ -1,12 +1,16 @@
-"""Shared benchmark helpers: thread pinning, repeated timing with medians, RSS, ratio printing."""
+"""Shared benchmark helpers: thread pinning, repeated timing with medians, RSS, ratio printing,
+and starting ``gradindex serve`` in a subprocess."""
 
 from __future__ import annotations
 
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -43,6 +47,22 @@ def median_time(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> floa
         fn()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
+
+
+def engine_rates(eng: Any, X: Any, y: Any, repeat: int) -> dict[str, float]:
+    """Examples/s of a gradient engine over ``X``: gradients kept per layer (blocks) and flattened
+    into rows (one reused buffer), each the median of ``repeat`` timed runs."""
+
+    def blocks() -> None:
+        for _ in eng.iter_blocks(X, y):
+            pass
+
+    def flat() -> None:
+        for _ in eng.iter_grads(X, y, reuse_buffer=True):
+            pass
+
+    return {"engine, per layer": len(X) / median_time(blocks, repeat),
+            "engine, flat rows": len(X) / median_time(flat, repeat)}
 
 
 def max_rss_bytes() -> int:
@@ -94,3 +114,23 @@ def row(label: str, value: float, unit: str, baseline: float | None = None, base
     if baseline:
         s += f"   ({value / baseline:.2f}x {baseline_name})"
     return s
+
+
+def start_serve(config: Path, cwd: Path) -> tuple[subprocess.Popen, int, int | None]:
+    """Start ``gradindex serve --config config`` in its own process and wait until it serves.
+
+    The server gets one thread per framework, unbuffered output and at most two malloc arenas
+    (otherwise glibc gives each of the many handler threads its own arena, which shows up as RSS
+    that grows with the concurrency level, not with the number of requests). Returns the process,
+    its gRPC port and its metrics port (None when metrics are off); raises if it does not start.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MALLOC_ARENA_MAX="2")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(config)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    line = proc.stdout.readline()  # "gradindex: serving [...] on HOST:PORT[, metrics on :MPORT]"
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    port = int(line.split(" on ")[1].split(":")[1].split(",")[0])
+    mport = int(line.rsplit(":", 1)[1]) if ", metrics on :" in line else None
+    return proc, port, mport

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+from _util import start_serve  # noqa: E402
 
 TOKEN, ADMIN = "bench-token", "bench-admin"
 BUDGET_MB = 256.0
@@ -43,16 +44,7 @@ def start_server(workdir: Path, name: str) -> tuple[subprocess.Popen, int, int]:
     cfg.write_text(f'workdir = "{workdir}"\nindexes = ["{name}"]\nport = 0\nmetrics_port = 0\ntoken = "{TOKEN}"\n'
                    f'admin_token = "{ADMIN}"\nrequest_memory_mb = {BUDGET_MB}\nmax_served = 4\nlog_level = "ERROR"\n'
                    'explain_concurrency = 1\n')
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MALLOC_ARENA_MAX="2")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(cfg)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    line = proc.stdout.readline()
-    if "serving" not in line:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    port = int(line.split(" on ")[1].split(":")[1].split(",")[0])
-    mport = int(line.rsplit(":", 1)[1])
-    return proc, port, mport
+    return start_serve(cfg, ROOT)
 
 
 class Peak:

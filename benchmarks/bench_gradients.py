@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import median_time, pin_threads, pin_tf_threads, row  # noqa: E402
+from _util import engine_rates, median_time, pin_threads, pin_tf_threads, row  # noqa: E402
 
 pin_threads(1)
 import torch  # noqa: E402
@@ -37,21 +37,6 @@ from explainers.similarity import GradientSimilarity  # noqa: E402
 from indexer.demo import digits_cnn_torch, load_digits_28, train_digits_cnn  # noqa: E402
 from indexer.engine import make_engine  # noqa: E402
 from indexer.kernels import scores as kernel_scores  # noqa: E402
-
-
-def engine_rates(eng, X: np.ndarray, y: np.ndarray, repeat: int) -> dict[str, float]:
-    """Examples/s of the engine: gradients kept per layer (blocks) and flattened into rows."""
-
-    def blocks():
-        for _ in eng.iter_blocks(X, y):
-            pass
-
-    def flat():
-        for _ in eng.iter_grads(X, y, reuse_buffer=True):
-            pass
-
-    return {"engine, per layer": len(X) / median_time(blocks, repeat),
-            "engine, flat rows": len(X) / median_time(flat, repeat)}
 
 
 def torch_throughput(model: nn.Module, X: np.ndarray, y: np.ndarray, repeat: int) -> dict[str, float]:

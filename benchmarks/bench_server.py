@@ -43,16 +43,10 @@ def start_server(workdir: Path, workers: int, batch_max_examples: int = 64,
     cfg.write_text(f'workdir = "{workdir}"\nindexes = ["bench"]\nport = 0\nworkers = {workers}\n'
                    f'max_concurrent_rpcs = {workers * 2}\nlog_level = "WARNING"\n'
                    f'batch_max_examples = {batch_max_examples}\nbatch_window_ms = {batch_window_ms}\n')
-    # MALLOC_ARENA_MAX: glibc gives each of the many handler threads its own malloc arena otherwise,
-    # which shows up as RSS that grows with the concurrency level (not with the number of requests).
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MALLOC_ARENA_MAX="2")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(cfg)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    line = proc.stdout.readline()
-    if "serving" not in line:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return proc, int(line.split(" on ")[1].split(":")[1].split(",")[0])
+    from _util import start_serve  # imported here: this function is the only user in this file
+
+    proc, port, _ = start_serve(cfg, ROOT)
+    return proc, port
 
 
 def load_phase(port: int, X: np.ndarray, clients: int, seconds: float) -> dict:

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from _util import median_time, pin_threads, row  # noqa: E402
+from _util import engine_rates, median_time, pin_threads, row  # noqa: E402
 
 pin_threads(1)
 import torch  # noqa: E402
@@ -103,14 +103,6 @@ def rates(model: nn.Module, loss, X: np.ndarray, Y: np.ndarray, repeat: int, loo
     def batched():
         torch.autograd.grad(loss(model(x), y).sum(), params)
 
-    def per_layer():
-        for _ in eng.iter_blocks(X, Y):
-            pass
-
-    def flat():
-        for _ in eng.iter_grads(X, Y, reuse_buffer=True):
-            pass
-
     buf = np.empty((loop_n, eng.dim), dtype=np.float32)
 
     def loop():
@@ -122,8 +114,7 @@ def rates(model: nn.Module, loss, X: np.ndarray, Y: np.ndarray, repeat: int, loo
     for r in eng.rules.values():
         counts[r] = counts.get(r, 0) + 1
     return {"batched backward (ceiling)": n / median_time(batched, repeat),
-            "engine, per layer": n / median_time(per_layer, repeat),
-            "engine, flat rows": n / median_time(flat, repeat),
+            **engine_rates(eng, X, Y, repeat),
             "per-example loop": loop_n / median_time(loop, repeat),
             "_rules": counts, "_generic": generic, "_dim": eng.dim}
 

@@ -9,6 +9,9 @@ them answers UNIMPLEMENTED.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import grpc
 import numpy as np
 
@@ -22,6 +25,16 @@ from server.rpc import RpcError, alive
 from server.tensors import from_tensor, to_tensor
 
 SC = grpc.StatusCode
+
+
+@contextmanager
+def _installed(what: str) -> Iterator[None]:
+    """Around an explainer's import on first use: a server without it answers UNIMPLEMENTED
+    ("{what} not installed on this server", with the ImportError's words), not INTERNAL."""
+    try:
+        yield
+    except ImportError as exc:
+        raise RpcError(SC.UNIMPLEMENTED, f"{what} not installed on this server ({exc})") from None
 
 
 def _named_resources(params: dict, cfg: ServerConfig) -> None:
@@ -53,10 +66,8 @@ def anchors(served: Served, request: pb.ExplainAnchorsRequest, cfg: ServerConfig
     ``cfg.explain_chunk`` rows with the deadline and cancellation checked before every chunk.
     """
     cfg = cfg or ServerConfig()
-    try:
+    with _installed("anchors are"):
         from explainers.anchors.serve import explain_anchors, model_predict_fn
-    except ImportError as exc:
-        raise RpcError(SC.UNIMPLEMENTED, f"anchors are not installed on this server ({exc})") from None
     d = served.description
     which = request.WhichOneof("instance")
     if which is None:
@@ -128,10 +139,8 @@ def pair(served: Served, request: pb.ExplainPairRequest, cfg: ServerConfig | Non
     knob is capped by ``cfg``'s memory budget; the deadline is checked before the model runs.
     """
     cfg = cfg or ServerConfig()
-    try:
+    with _installed("BiLRP is"):
         from explainers.bilrp import explain_pair, penultimate_embedding
-    except ImportError as exc:
-        raise RpcError(SC.UNIMPLEMENTED, f"BiLRP is not installed on this server ({exc})") from None
     if not request.HasField("query"):
         raise RpcError(SC.INVALID_ARGUMENT, "query is missing; send one input (no batch axis) as a Tensor")
     x = from_tensor(request.query, "query", finite=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import urllib.request
-from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -19,6 +18,7 @@ from server.config import ServerConfig
 from server.protos import service_pb2 as pb
 from server.protos import types_pb2
 from server.tensors import from_tensor, to_tensor
+from server_setup import digits_index, rpc_error
 
 TOKEN, ADMIN = "s3cret-token", "admin-token"
 
@@ -26,16 +26,7 @@ TOKEN, ADMIN = "s3cret-token", "admin-token"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A real 200-example digits index (the shipped config, built by the indexer)."""
-    import torch
-
-    from indexer.demo import load_digits_28
-    from server.demo import ensure_digits_index
-
-    torch.set_num_threads(1)
-    wd = tmp_path_factory.mktemp("tiny")
-    name = ensure_digits_index(wd, n=200, progress=False)
-    X, y = load_digits_28()
-    return SimpleNamespace(workdir=wd, name=name, X=X[-20:], y=y[-20:], count=200, input_shape=(1, 28, 28))
+    return digits_index(tmp_path_factory, "tiny", queries=20)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +36,6 @@ def authed(tiny):
     srv = GradIndexServer(cfg).start()
     yield srv
     srv.stop(0)
-
-
-def _code(fn):
-    with pytest.raises(grpc.RpcError) as e:
-        fn()
-    return e.value.code(), e.value.details()
 
 
 def test_tensor_roundtrip_and_validation():
@@ -75,18 +60,18 @@ def test_health_needs_no_token_and_rpcs_do(authed, tiny):
     anon = GradIndexClient(target)
     assert anon.health() == "SERVING"
     assert anon.health("gradindex.v1.GradIndex") == "SERVING"
-    code, msg = _code(anon.list_indexes)
+    code, msg = rpc_error(anon.list_indexes)
     assert code == grpc.StatusCode.UNAUTHENTICATED and "authorization: Bearer" in msg
-    code, msg = _code(GradIndexClient(target, token="wrong").list_indexes)
+    code, msg = rpc_error(GradIndexClient(target, token="wrong").list_indexes)
     assert code == grpc.StatusCode.UNAUTHENTICATED and "invalid token" in msg
     # Malformed header.
     stub = GradIndexClient(target).stub
-    code, msg = _code(lambda: stub.ListIndexes(pb.ListIndexesRequest(), metadata=(("authorization", TOKEN),)))
+    code, msg = rpc_error(lambda: stub.ListIndexes(pb.ListIndexesRequest(), metadata=(("authorization", TOKEN),)))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "malformed" in msg
     ok = GradIndexClient(target, token=TOKEN)
     assert [i.name for i in ok.list_indexes()] == [tiny.name]
     # Admin RPC with the query token: denied; with the admin token: allowed.
-    code, msg = _code(lambda: ok.reload_index(tiny.name))
+    code, msg = rpc_error(lambda: ok.reload_index(tiny.name))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "admin token" in msg
     assert GradIndexClient(target, token=ADMIN).reload_index(tiny.name).name == tiny.name
     # Still answering after all of that.
@@ -96,7 +81,7 @@ def test_health_needs_no_token_and_rpcs_do(authed, tiny):
 def test_oversized_message_is_resource_exhausted_and_server_survives(authed, tiny):
     c = GradIndexClient(f"127.0.0.1:{authed.port}", token=TOKEN)
     big = np.zeros((1400, *tiny.input_shape), dtype=np.float32)  # > 1 MiB limit of this server
-    code, _ = _code(lambda: c.find_similar(tiny.name, big, k=1))
+    code, _ = rpc_error(lambda: c.find_similar(tiny.name, big, k=1))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert c.find_similar(tiny.name, tiny.X[:1], k=1).ids.shape == (1, 1)
 
@@ -104,7 +89,7 @@ def test_oversized_message_is_resource_exhausted_and_server_survives(authed, tin
 def test_metrics_endpoint_counts_requests(authed, tiny):
     c = GradIndexClient(f"127.0.0.1:{authed.port}", token=TOKEN)
     c.find_similar(tiny.name, tiny.X[:2], k=2)
-    _code(lambda: c.describe_index("no-such-index"))
+    rpc_error(lambda: c.describe_index("no-such-index"))
     text = urllib.request.urlopen(f"http://127.0.0.1:{authed.metrics_port}/metrics", timeout=5).read().decode()
     assert 'gradindex_requests_total{code="OK",method="FindSimilar"}' in text
     assert 'gradindex_requests_total{code="NOT_FOUND",method="DescribeIndex"}' in text
@@ -149,7 +134,7 @@ def test_tls(tiny, tmp_path):
             assert c.describe_index(tiny.name).count == tiny.count
         # A plaintext client cannot talk to it.
         with GradIndexClient(f"localhost:{srv.port}", token=TOKEN, timeout=2) as c:
-            assert _code(c.list_indexes)[0] == grpc.StatusCode.UNAVAILABLE
+            assert rpc_error(c.list_indexes)[0] == grpc.StatusCode.UNAVAILABLE
     finally:
         srv.stop(0)
 

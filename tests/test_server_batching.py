@@ -108,6 +108,25 @@ def _in_threads(fns) -> list:
     return threads, out
 
 
+def _from_client_threads(port: int, reqs: list[dict], n: int) -> list[tuple[dict, object]]:
+    """Send ``reqs`` from ``n`` client threads at once, each on its own channel (thread i sends
+    ``reqs[i::n]`` in order); wait for all and return (request, answer) pairs. A thread that raised
+    fails the test."""
+
+    def client_loop(part):
+        with GradIndexClient(f"127.0.0.1:{port}", timeout=30) as cc:
+            return [_send(cc, r) for r in part]
+
+    threads, out = _in_threads([lambda p=reqs[i::n]: client_loop(p) for i in range(n)])
+    for t in threads:
+        t.join()
+    pairs = []
+    for i, results in enumerate(out):
+        assert not isinstance(results, Exception), results
+        pairs.extend(zip(reqs[i::n], results))
+    return pairs
+
+
 def test_concurrent_requests_are_batched_and_equal_sequential_single_requests(env):
     srv, c, ref = env["srv"], env["c"], env["ref"]
     served = srv.registry.get("digits")
@@ -130,18 +149,8 @@ def test_concurrent_requests_are_batched_and_equal_sequential_single_requests(en
 
     # Free-running: 8 client threads (own channels) x 6 requests, batched however they happen to arrive.
     reqs = _requests(np.ascontiguousarray(env["Xq"][::-1]), 48)
-
-    def client_loop(part):
-        with GradIndexClient(f"127.0.0.1:{srv.port}", timeout=30) as cc:
-            return [_send(cc, r) for r in part]
-
-    threads, out = _in_threads([lambda p=reqs[i::8]: client_loop(p) for i in range(8)])
-    for t in threads:
-        t.join()
-    for i, results in enumerate(out):
-        assert not isinstance(results, Exception), results
-        for r, res in zip(reqs[i::8], results):
-            _check(ref, r, res)
+    for r, res in _from_client_threads(srv.port, reqs, 8):
+        _check(ref, r, res)
 
 
 def test_a_bad_request_fails_alone_with_its_code(env):
@@ -270,19 +279,9 @@ def test_batching_off(env, tmp_path):
     try:
         assert srv.servicer.batcher is None
         reqs = _requests(env["Xq"][20:], 12)
-
-        def loop(part):
-            with GradIndexClient(f"127.0.0.1:{srv.port}", timeout=30) as cc:
-                return [_send(cc, r) for r in part]
-
-        threads, out = _in_threads([lambda p=reqs[i::4]: loop(p) for i in range(4)])
-        for t in threads:
-            t.join()
-        for i, results in enumerate(out):
-            assert not isinstance(results, Exception), results
-            for r, res in zip(reqs[i::4], results):
-                _check(env["ref"], r, res)
-                assert "batch" not in res.server_timing and "queue" not in res.server_timing
+        for r, res in _from_client_threads(srv.port, reqs, 4):
+            _check(env["ref"], r, res)
+            assert "batch" not in res.server_timing and "queue" not in res.server_timing
         assert _hist(srv.metrics.batch_requests) == (0.0, 0.0)
     finally:
         srv.stop(0)

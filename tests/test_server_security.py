@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 import string
 import urllib.request
-from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -26,6 +25,7 @@ from server.config import ServerConfig
 from server.protos import service_pb2 as pb
 from server.protos import service_pb2_grpc as pb_grpc
 from server.tensors import to_tensor
+from server_setup import digits_index, rpc_error
 
 TOKEN, ADMIN = "user-secret", "admin-secret"
 
@@ -33,27 +33,12 @@ TOKEN, ADMIN = "user-secret", "admin-secret"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A real 200-example digits index (the shipped config, built by the indexer)."""
-    import torch
-
-    from indexer.demo import load_digits_28
-    from server.demo import ensure_digits_index
-
-    torch.set_num_threads(1)
-    wd = tmp_path_factory.mktemp("sec")
-    name = ensure_digits_index(wd, n=200, progress=False)
-    X, y = load_digits_28()
-    return SimpleNamespace(workdir=wd, name=name, X=X[-8:].astype(np.float32), y=y[-8:], count=200)
+    return digits_index(tmp_path_factory, "sec", queries=8)
 
 
 def _serve(tiny, **kw) -> GradIndexServer:
     kw.setdefault("log_level", "WARNING")
     return GradIndexServer(ServerConfig(workdir=str(tiny.workdir), indexes=[tiny.name], port=0, **kw)).start()
-
-
-def _code(fn):
-    with pytest.raises(grpc.RpcError) as e:
-        fn()
-    return e.value.code(), e.value.details()
 
 
 def _stub(port: int, token: str | None = None):
@@ -98,8 +83,8 @@ def test_bearer_scheme_is_case_insensitive_and_tokens_still_checked(tiny):
         ch, stub, _ = _stub(srv.port)
         for scheme in ("bearer", "BEARER", "Bearer"):
             stub.ListIndexes(pb.ListIndexesRequest(), metadata=(("authorization", f"{scheme} {TOKEN}"),), timeout=10)
-        code, _ = _code(lambda: stub.ListIndexes(pb.ListIndexesRequest(),
-                                                 metadata=(("authorization", "bearer wrong"),), timeout=10))
+        code, _ = rpc_error(lambda: stub.ListIndexes(pb.ListIndexesRequest(),
+                                                     metadata=(("authorization", "bearer wrong"),), timeout=10))
         assert code == grpc.StatusCode.UNAUTHENTICATED
         ch.close()
     finally:
@@ -156,7 +141,7 @@ def test_a_reply_over_the_budget_is_refused_before_any_work(srv, tiny):
         if call is stub.SearchByGradient:  # the projected dimension of this index
             dim = stub.DescribeIndex(pb.DescribeIndexRequest(name=tiny.name), metadata=md, timeout=10).dim
             req.gradients.CopyFrom(to_tensor(np.ones((64, dim), np.float32)))
-        code, msg = _code(lambda: call(req, metadata=md, timeout=30))
+        code, msg = rpc_error(lambda: call(req, metadata=md, timeout=30))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "MiB" in msg and "send at most" in msg, msg
     # 200 records x 3 KB fit 8 MiB: answered, the budget is not a blanket refusal
     assert len(stub.SelfInfluence(pb.SelfInfluenceRequest(index=tiny.name, k=200, include_data=True),
@@ -183,7 +168,7 @@ def test_anchor_knobs_beyond_the_memory_budget_are_refused(srv, tiny):
     for knob in ({"batch_size": 20000}, {"coverage_samples": 1_000_000}, {"batch_size": 1.5}):
         req = _anchor_image(tiny, **knob)
         req.model = model
-        code, msg = _code(lambda: stub.ExplainAnchors(req, metadata=md, timeout=30))
+        code, msg = rpc_error(lambda: stub.ExplainAnchors(req, metadata=md, timeout=30))
         want = grpc.StatusCode.INVALID_ARGUMENT if knob.get("batch_size") == 1.5 else grpc.StatusCode.RESOURCE_EXHAUSTED
         assert code == want and next(iter(knob)) in msg, msg
     ch.close()
@@ -219,9 +204,9 @@ def test_cancelled_anchors_stop_and_free_their_slot(srv, tiny):
     fut = stub.ExplainAnchors.future(slow, metadata=md, timeout=0.5)
     time.sleep(0.1)
     # while it runs, a second explanation is refused at once (the query path keeps its threads)
-    code, msg = _code(lambda: stub.ExplainAnchors(slow, metadata=md, timeout=30))
+    code, msg = rpc_error(lambda: stub.ExplainAnchors(slow, metadata=md, timeout=30))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at a time" in msg
-    assert _code(fut.result)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert rpc_error(fut.result)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
     r = stub.FindSimilar(_fs(tiny, k=3), metadata=md, timeout=30)  # queries answer meanwhile
     assert len(r.results) == 4
     # the server's handler itself ended with DEADLINE_EXCEEDED (it stopped, not finished the search)
@@ -245,7 +230,7 @@ def test_language_models_and_spacy_pipelines_only_by_configured_name(srv, tiny, 
         p.update({key: value, "sampling_strategy": "similarity" if key == "nlp" else "language_model"})
         req = pb.ExplainAnchorsRequest(model="digits_cnn", text="a good movie", params=p)
         req.model = stub.DescribeIndex(pb.DescribeIndexRequest(name=tiny.name), metadata=md, timeout=10).model
-        code, msg = _code(lambda: stub.ExplainAnchors(req, metadata=md, timeout=30))
+        code, msg = rpc_error(lambda: stub.ExplainAnchors(req, metadata=md, timeout=30))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "names this server configures" in msg, msg
         msgs.append(msg.split(" (got ")[0])
     # the same answer whether the path exists or not: nothing to probe
@@ -258,7 +243,7 @@ def test_reload_is_disabled_without_an_admin_token(tiny):
     s = _serve(tiny, token=TOKEN)
     try:
         ch, stub, md = _stub(s.port, TOKEN)
-        code, msg = _code(lambda: stub.ReloadIndex(pb.ReloadIndexRequest(index=tiny.name), metadata=md, timeout=10))
+        code, msg = rpc_error(lambda: stub.ReloadIndex(pb.ReloadIndexRequest(index=tiny.name), metadata=md, timeout=10))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "admin_token" in msg
         ch.close()
     finally:
@@ -275,8 +260,8 @@ def test_reload_is_disabled_without_an_admin_token(tiny):
 def test_reload_honours_allow_list_and_max_served(srv, tiny):
     ch, stub, _ = _stub(srv.port, ADMIN)
     md = (("authorization", f"Bearer {ADMIN}"),)
-    code, msg = _code(lambda: stub.ReloadIndex(pb.ReloadIndexRequest(index="x", from_index="other"),
-                                               metadata=md, timeout=10))
+    code, msg = rpc_error(lambda: stub.ReloadIndex(pb.ReloadIndexRequest(index="x", from_index="other"),
+                                                   metadata=md, timeout=10))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "allow-list" in msg
     names = [f"alias{i}" for i in range(3)]
     codes = []
@@ -303,7 +288,7 @@ def test_reload_of_a_corrupt_index_is_failed_precondition(tiny, tmp_path):
             f.write_bytes(b"not a faiss index")
         ch, stub, _ = _stub(s.port)
         md = (("authorization", f"Bearer {ADMIN}"),)
-        code, msg = _code(lambda: stub.ReloadIndex(pb.ReloadIndexRequest(index=tiny.name), metadata=md, timeout=60))
+        code, msg = rpc_error(lambda: stub.ReloadIndex(pb.ReloadIndexRequest(index=tiny.name), metadata=md, timeout=60))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "cannot be opened" in msg, (code, msg)
         assert stub.DescribeIndex(pb.DescribeIndexRequest(name=tiny.name), metadata=md, timeout=10).generation == 1
         ch.close()
@@ -325,14 +310,14 @@ def test_malformed_fields_are_invalid_argument_saying_what_to_fix(srv, tiny):
         (pb.FindSimilarRequest(index="x" * 1_000_000, k=3), "index"),
     ]
     for req, field in cases:
-        code, msg = _code(lambda: stub.FindSimilar(req, metadata=md, timeout=30))
+        code, msg = rpc_error(lambda: stub.FindSimilar(req, metadata=md, timeout=30))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and field in msg and len(msg) < 600, (field, code, msg[:300])
-    code, msg = _code(lambda: stub.SearchByGradient(pb.SearchByGradientRequest(index=tiny.name, k=3, direction=9),
-                                                    metadata=md, timeout=30))
+    code, msg = rpc_error(lambda: stub.SearchByGradient(pb.SearchByGradientRequest(index=tiny.name, k=3, direction=9),
+                                                        metadata=md, timeout=30))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "direction" in msg
     raw = ch.unary_unary("/gradindex.v1.GradIndex/FindSimilar")
     for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", bytes(range(256))):
-        code, msg = _code(lambda: raw(garbage, metadata=md, timeout=10))
+        code, msg = rpc_error(lambda: raw(garbage, metadata=md, timeout=10))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "FindSimilarRequest" in msg, (code, msg)
     assert len(stub.FindSimilar(_fs(tiny, k=2), metadata=md, timeout=30).results) == 4
     ch.close()

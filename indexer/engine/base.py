@@ -277,6 +277,66 @@ class GradientEngine(ABC):
         """Check again on the next chunk (called at the start of every fit/build)."""
         self._verified = False
 
+    # ---- guard bookkeeping shared by the adapters ----------------------------
+    # An adapter keeps ``_rule_of_param`` (name -> rule), ``_reasons`` (name -> why it is on the
+    # generic path) and ``_warned`` (names already announced), and names its generic path below.
+    #: rules of the adapter's exact generic path (a parameter with one of them has no proven rule)
+    _generic_rules: tuple[str, ...] = ()
+    #: the rule a parameter failing a check is sent to
+    _fallback_rule: str = ""
+    #: how the fallback warning describes the generic path
+    _generic_path: str = ""
+
+    def _generic(self) -> list[str]:
+        """Selected parameters on the exact generic path, in parameter order."""
+        return [n for n in self.param_names if self._rule_of_param[n] in self._generic_rules]
+
+    def _demote(self, failed: dict[str, str]) -> None:
+        """Send parameters that failed a check to the exact generic path, remembering why."""
+        for n, why in failed.items():
+            self._rule_of_param[n] = self._fallback_rule
+            self._reasons[n] = why
+
+    def _announce(self) -> None:
+        """One warning naming the parameters newly sent to the generic path (and why); never repeated."""
+        new = [n for n in self._generic() if n not in self._warned]
+        if not new:
+            return
+        self._warned.update(new)
+        desc = "; ".join(f"{n} ({self._reasons.get(n, 'no vectorized rule')})" for n in new[:8])
+        more = f"; and {len(new) - 8} more" if len(new) > 8 else ""
+        warnings.warn(f"gradindex: no vectorized rule proven exact for {desc}{more}: using the exact generic path "
+                      f"({self._generic_path}) for them (slower).", RuntimeWarning, stacklevel=5)
+
+    @staticmethod
+    def _guard_verdict(w: np.ndarray, blocks: list[Block], refs: dict[str, np.ndarray], loss_ref: np.ndarray,
+                       loss_seen: np.ndarray, tol: float) -> dict[str, str]:
+        """The numeric guard's comparison, the same for every framework: name -> why, for each failure.
+
+        ``refs`` holds, per checked parameter, the flat float64 gradient of Σ_i w_i L_i from one batched
+        backward; the rules' blocks must reproduce it through :meth:`Block.weighted_sums`. ``loss_ref``
+        and ``loss_seen`` are the per-example losses without and with the layer capture: if they differ,
+        the capture itself changed the model and every checked parameter fails.
+        """
+        if np.abs(loss_ref - loss_seen).max() > tol * max(1.0, float(np.abs(loss_ref).max())):
+            return {p: "the layer capture changed the model's output" for p in refs}
+        S: dict[str, np.ndarray] = {}
+        for b in blocks:
+            for name, vec in b.weighted_sums(w).items():
+                S[name] = S.get(name, 0) + vec
+        # A gradient that is exactly zero in theory (e.g. key biases under softmax) is rounding noise:
+        # it is measured against the largest gradient of the model, not against its own noise.
+        floor = 1e-3 * max(np.abs(v).max(initial=0.0) for v in refs.values())
+        bad = {}
+        for p, ref in refs.items():
+            got = S.get(p, np.zeros_like(ref))
+            scale = max(np.abs(ref).max(initial=0.0), np.abs(got).max(initial=0.0), floor)
+            err = np.abs(got - ref).max(initial=0.0)
+            if err > tol * scale or not np.isfinite(err):
+                bad[p] = (f"the numeric check failed: weighted sum off by {err / max(scale, 1e-300):.2g} "
+                          "of its largest entry")
+        return bad
+
     # ---- shared -------------------------------------------------------------
     @property
     def dim(self) -> int:

@@ -91,6 +91,9 @@ class KerasEngine(GradientEngine):
     """Per-example gradients of a ``keras.Model``'s loss with ``training=False``, chunk by chunk."""
 
     framework = "tensorflow"
+    _generic_rules = ("tape_loop",)
+    _fallback_rule = "tape_loop"
+    _generic_path = "a per-example loop traced with tf.function"
     _lock = threading.Lock()  # wrapped layer calls are per model; serialize engines that share one
 
     def __init__(self, model: Any, loss_fn: Any, task: str = "classification",
@@ -249,9 +252,6 @@ class KerasEngine(GradientEngine):
             self._compiled = tf.function(self._inputs_and_grads, reduce_retracing=True)
         return self._compiled
 
-    def _generic(self) -> list[str]:
-        return [n for n in self.param_names if self._rule_of_param[n] == "tape_loop"]
-
     def _chunk_blocks(self, X: np.ndarray, Y: np.ndarray | None) -> list[Block]:
         x, y = self._to_x(X), self._to_y(Y)
         for _ in range(2):
@@ -266,9 +266,7 @@ class KerasEngine(GradientEngine):
             if not self._verified and len(X) >= 2:
                 failed = self._numeric_guard(x, y, L, blocks, hooked) if hooked else {}
                 if failed:
-                    for n, why in failed.items():
-                        self._rule_of_param[n] = "tape_loop"
-                        self._reasons[n] = why
+                    self._demote(failed)
                     continue
                 self._verified = True
             break
@@ -276,16 +274,6 @@ class KerasEngine(GradientEngine):
         if self._generic():
             blocks.append(self._fallback_block(x, y))
         return blocks
-
-    def _announce(self) -> None:
-        new = [n for n in self._generic() if n not in self._warned]
-        if not new:
-            return
-        self._warned.update(new)
-        desc = "; ".join(f"{n} ({self._reasons.get(n, 'no vectorized rule')})" for n in new[:8])
-        more = f"; and {len(new) - 8} more" if len(new) > 8 else ""
-        warnings.warn(f"gradindex: no vectorized rule proven exact for {desc}{more}: using the exact generic path "
-                      "(a per-example loop traced with tf.function) for them (slower).", RuntimeWarning, stacklevel=5)
 
     def _numeric_guard(self, x: tf.Tensor, y: tf.Tensor | None, L: tf.Tensor, blocks: list[Block],
                        hooked: list[str]) -> dict[str, str]:
@@ -296,24 +284,9 @@ class KerasEngine(GradientEngine):
             Lr = self.per_example_loss(self.model(x, training=False), y)
             tot = tf.reduce_sum(Lr * tf.cast(w, Lr.dtype))
         R = tape.gradient(tot, ws, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        tol = guard_tolerance(self.dtype.name)
-        lr, lh = np.asarray(Lr, dtype=np.float64), np.asarray(L, dtype=np.float64)
-        if np.abs(lr - lh).max() > tol * max(1.0, np.abs(lr).max()):
-            return {n: "the layer capture changed the model's output" for n in hooked}
-        S: dict[str, np.ndarray] = {}
-        for b in blocks:
-            for name, vec in b.weighted_sums(w).items():
-                S[name] = S.get(name, 0) + vec
         refs = {n: np.asarray(tf.convert_to_tensor(r), dtype=np.float64).reshape(-1) for n, r in zip(hooked, R)}
-        floor = 1e-3 * max(np.abs(v).max(initial=0.0) for v in refs.values())
-        bad = {}
-        for n, ref in refs.items():
-            got = S.get(n, np.zeros_like(ref))
-            scale = max(np.abs(ref).max(initial=0.0), np.abs(got).max(initial=0.0), floor)
-            err = np.abs(got - ref).max(initial=0.0)
-            if err > tol * scale or not np.isfinite(err):
-                bad[n] = f"the numeric check failed: weighted sum off by {err / max(scale, 1e-300):.2g} of its largest entry"
-        return bad
+        return self._guard_verdict(w, blocks, refs, np.asarray(Lr, dtype=np.float64), np.asarray(L, dtype=np.float64),
+                                   guard_tolerance(self.dtype.name))
 
     def _parts(self, layer: Any, attrs: Sequence[str]) -> tuple[list[tuple[str, int]], list[bool]]:
         parts, present = [], []
@@ -346,39 +319,25 @@ class KerasEngine(GradientEngine):
             idx = tf.concat([tf.reshape(tf.cast(inp, tf.int64), [tf.shape(g)[0], -1]) for inp, g in calls], 1)
             d = tf.concat([tf.reshape(g, [tf.shape(g)[0], -1, int(dim)]) for inp, g in calls], 1)
             return Block(layer.name, "outer", parts, idx=idx.numpy(), vocab=int(V), d=d.numpy(), layout="in_out")
-        if kind == "layernorm":
-            parts, (has_g, has_b) = self._parts(layer, ("gamma", "beta"))
-            if not parts:
-                return None
-            full = None
-            for inp, g in calls:
-                inp = tf.cast(tf.convert_to_tensor(inp), g.dtype)
-                u = keras.ops.layer_normalization(inp, None, None, layer.axis, layer.epsilon,
-                                                  rms_scaling=getattr(layer, "rms_scaling", False))
-                n = tf.shape(g)[0]
-                c = int(np.prod((layer.gamma if layer.gamma is not None else layer.beta).shape))
-                pieces = []
-                if has_g:
-                    pieces.append(tf.reduce_sum(tf.reshape(g * tf.cast(u, g.dtype), [n, -1, c]), 1))
-                if has_b:
-                    pieces.append(tf.reduce_sum(tf.reshape(g, [n, -1, c]), 1))
-                rows = tf.concat(pieces, axis=1)
-                full = rows if full is None else full + rows
-            return Block(layer.name, "full", parts, full=full.numpy())
-        # batch normalization, inference statistics
+        # layer or batch normalization, y = γ ⊙ u(x) + β: per example, Σ g ⊙ u over positions and Σ g
         parts, (has_g, has_b) = self._parts(layer, ("gamma", "beta"))
         if not parts:
             return None
         full = None
         for inp, g in calls:
             inp = tf.cast(tf.convert_to_tensor(inp), g.dtype)
-            xhat = (inp - tf.cast(layer.moving_mean, g.dtype)) / tf.sqrt(
-                tf.cast(layer.moving_variance, g.dtype) + layer.epsilon)
+            if kind == "layernorm":
+                u = tf.cast(keras.ops.layer_normalization(inp, None, None, layer.axis, layer.epsilon,
+                                                          rms_scaling=getattr(layer, "rms_scaling", False)), g.dtype)
+                c = int(np.prod((layer.gamma if layer.gamma is not None else layer.beta).shape))
+            else:  # batch normalization, inference statistics
+                u = (inp - tf.cast(layer.moving_mean, g.dtype)) / tf.sqrt(
+                    tf.cast(layer.moving_variance, g.dtype) + layer.epsilon)
+                c = int(g.shape[-1])
             n = tf.shape(g)[0]
-            c = int(g.shape[-1])
             pieces = []
             if has_g:
-                pieces.append(tf.reduce_sum(tf.reshape(g * xhat, [n, -1, c]), 1))
+                pieces.append(tf.reduce_sum(tf.reshape(g * u, [n, -1, c]), 1))
             if has_b:
                 pieces.append(tf.reduce_sum(tf.reshape(g, [n, -1, c]), 1))
             rows = tf.concat(pieces, axis=1)

@@ -55,6 +55,9 @@ class TorchEngine(GradientEngine):
     """Per-example gradients of a ``torch.nn.Module``'s loss, in eval mode, chunk by chunk."""
 
     framework = "pytorch"
+    _generic_rules = GENERIC_RULES
+    _fallback_rule = "vmap"
+    _generic_path = "torch.func.vmap, or a per-example loop"
 
     def __init__(self, model: nn.Module, loss_fn: Any, task: str = "classification",
                  params: Sequence[str] | str | None = None, device: Any = None, chunk_size: int = CHUNK_SIZE) -> None:
@@ -125,9 +128,6 @@ class TorchEngine(GradientEngine):
                 self._hooks.append(mod.register_forward_hook(self._mha_exit))
 
     # ------------------------------------------------------------- rules API
-    def _generic(self) -> list[str]:
-        return [n for n in self.param_names if self._rule_of_param[n] in GENERIC_RULES]
-
     def _hooked_name(self, p: Any, rule: str) -> str | None:
         """The selected parameter's name if ``p`` is one and it is (still) covered by a rule."""
         if p is None:
@@ -249,22 +249,6 @@ class TorchEngine(GradientEngine):
             rules = seen.get(n)
             self._rule_of_param[n] = "unused" if not rules else (rules.pop() if len(rules) == 1 else "tied")
 
-    def _demote(self, failed: dict[str, str]) -> None:
-        """Send parameters to the exact generic path; one warning naming them (and why)."""
-        for n, why in failed.items():
-            self._rule_of_param[n] = "vmap"
-            self._reasons[n] = why
-
-    def _announce(self) -> None:
-        new = [n for n in self._generic() if n not in self._warned]
-        if not new:
-            return
-        self._warned.update(new)
-        desc = "; ".join(f"{n} ({self._reasons.get(n, 'no vectorized rule')})" for n in new[:8])
-        more = f"; and {len(new) - 8} more" if len(new) > 8 else ""
-        warnings.warn(f"gradindex: no vectorized rule proven exact for {desc}{more}: using the exact generic path "
-                      "(torch.func.vmap, or a per-example loop) for them (slower).", RuntimeWarning, stacklevel=5)
-
     def _try_chunk(self, x: torch.Tensor, y: torch.Tensor | None, verify: bool) -> tuple[list[Block], dict[str, str]]:
         cap = Capture(self, len(x), verify)
         with capturing(cap), torch.enable_grad():
@@ -333,27 +317,9 @@ class TorchEngine(GradientEngine):
             ps = [self._params[p] for p in hooked]
             R = torch.autograd.grad((Lr * torch.as_tensor(w, dtype=Lr.dtype, device=Lr.device)).sum(), ps,
                                     allow_unused=True)
-        tol = guard_tolerance(self.dtype)
-        lr, lh = Lr.detach().double(), L.detach().double()
-        if (lr - lh).abs().max() > tol * max(1.0, float(lr.abs().max())):
-            return {p: "the layer capture changed the model's output" for p in hooked}
-        S: dict[str, np.ndarray] = {}
-        for b in blocks:
-            for name, vec in b.weighted_sums(w).items():
-                S[name] = S.get(name, 0) + vec
-        bad = {}
         refs = {p: np.zeros(self._params[p].numel()) if r is None else
                 r.detach().to_dense().double().cpu().numpy().reshape(-1) for p, r in zip(hooked, R)}
-        # A gradient that is exactly zero in theory (e.g. key biases under softmax) is rounding noise:
-        # it is measured against the largest gradient of the model, not against its own noise.
-        floor = 1e-3 * max(np.abs(v).max(initial=0.0) for v in refs.values())
-        for p, ref in refs.items():
-            got = S.get(p, np.zeros_like(ref))
-            scale = max(np.abs(ref).max(initial=0.0), np.abs(got).max(initial=0.0), floor)
-            err = np.abs(got - ref).max(initial=0.0)
-            if err > tol * scale or not np.isfinite(err):
-                bad[p] = f"the numeric check failed: weighted sum off by {err / scale:.2g} of its largest entry"
-        return bad
+        return self._guard_verdict(w, blocks, refs, _np(Lr.double()), _np(L.double()), guard_tolerance(self.dtype))
 
     # ----------------------------------------------------------------- blocks
     @staticmethod
