@@ -20,10 +20,12 @@ URLs carry credentials: every message and log line shows them through :func:`mas
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,13 +298,14 @@ class Catalog:
             # A shared server database: replicas keep pooled connections across database restarts.
             self.engine = create_engine(self.url, future=True, pool_pre_ping=True)
         try:
-            missing = self._missing_tables()
-            if missing and not create:
-                if len(missing) == len(Base.metadata.tables):
+            # SQLite, creating: the first connection (its WAL switch) and the schema under the file lock.
+            with self._schema_lock(sqlite_path if create else None):
+                missing = self._missing_tables()
+                if missing and not create and len(missing) == len(Base.metadata.tables):
                     raise NotFound(f"no catalog at {self.where}: build an index into it first (gradindex build "
                                    "with index.catalog_url).")
-            if missing:
-                self._create_schema(sqlite_path)
+                if missing:  # new catalog, or one from a version without a newer table
+                    self._create_schema(sqlite_path, locked=create)
         except SQLAlchemyError as exc:
             self.engine.dispose()
             raise FailedPrecondition(f"cannot open the catalog at {self.where}: "
@@ -312,22 +315,34 @@ class Catalog:
             raise
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _schema_lock(sqlite_path: Path | None) -> Iterator[None]:
+        """An exclusive flock beside a SQLite database (nothing for None). Two processes opening a new
+        SQLite catalog at once race on the WAL switch and the CREATE TABLEs ("database is locked",
+        "table already exists"); under the lock the second one finds the first's tables."""
+        if sqlite_path is None:
+            yield
+            return
+        with open(sqlite_path.parent / ".catalog.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def _missing_tables(self) -> list[str]:
         have = set(inspect(self.engine).get_table_names())
         return [t for t in Base.metadata.tables if t not in have]
 
-    def _create_schema(self, sqlite_path: Path | None) -> None:
+    def _create_schema(self, sqlite_path: Path | None, locked: bool) -> None:
         """CREATE the missing tables, safe against a second process doing the same at the same moment."""
         if sqlite_path is not None:
-            # Two processes opening a new SQLite catalog at once race on the WAL switch and the CREATE
-            # TABLEs ("database is locked", "table already exists"): the first connection and the
-            # schema are made under an exclusive flock beside the database.
-            with open(sqlite_path.parent / ".catalog.lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                try:
+            if locked:
+                Base.metadata.create_all(self.engine)
+            else:
+                with self._schema_lock(sqlite_path):
                     Base.metadata.create_all(self.engine)
-                finally:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
             return
         # A server database: no shared file to lock. create_all checks first; a concurrent creator
         # can still win between check and CREATE, so one failure is retried (the retry finds the tables).
