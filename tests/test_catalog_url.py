@@ -52,6 +52,31 @@ def test_build_and_query_through_a_second_sqlite_file(tmp_path):
     cat.close()
 
 
+def test_cli_reads_the_catalog_url_from_the_environment(tmp_path, monkeypatch, capsys):
+    import json
+
+    from server.cli import main
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    cfg = write_config(tmp_path, n=30, chunk_size=32, extra_index=f'catalog_url = "{url}"')
+    build_index(cfg, tmp_path / "wd", progress=False)
+    monkeypatch.setenv("GI_CLI_CATALOG", url)
+    capsys.readouterr()
+    assert main(["self-influence", "tiny", "--top", "3", "--workdir", str(tmp_path / "wd"), "--json",
+                 "--catalog-url-env", "GI_CLI_CATALOG"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    idx = open_index(tmp_path / "wd", "tiny", load_model=False, catalog_url=url)
+    try:
+        assert [r["id"] for r in rows] == [r["id"] for r in idx.self_influence_top(3)]
+    finally:
+        idx.close()
+    assert main(["self-influence", "tiny", "--workdir", str(tmp_path / "wd")]) == 2  # no catalog.db there
+    monkeypatch.delenv("GI_CLI_CATALOG")
+    assert main(["self-influence", "tiny", "--workdir", str(tmp_path / "wd"), "--catalog-url-env",
+                 "GI_CLI_CATALOG"]) == 2
+    assert "catalog_url_env" in capsys.readouterr().err
+
+
 def test_missing_catalog_at_a_url_is_not_found_and_creates_nothing(tmp_path):
     url = f"sqlite:///{tmp_path / 'db' / 'none.db'}"
     with pytest.raises(NotFound, match="no catalog"):
