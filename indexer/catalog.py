@@ -308,8 +308,10 @@ class Catalog:
                     self._create_schema(sqlite_path, locked=create)
         except SQLAlchemyError as exc:
             self.engine.dispose()
+            cause = getattr(exc, "orig", None) or exc  # the driver's own error, without SQLAlchemy's footer
+            detail = (str(cause).strip().splitlines() or [""])[0]
             raise FailedPrecondition(f"cannot open the catalog at {self.where}: "
-                                     f"{_scrub(f'{type(exc).__name__}: {exc}', self.url)[:500]}") from None
+                                     f"{_scrub(f'{type(cause).__name__}: {detail}', self.url)[:500]}") from None
         except BaseException:
             self.engine.dispose()
             raise

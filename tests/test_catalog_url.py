@@ -217,3 +217,16 @@ def test_unreachable_catalog_database_is_failed_precondition_with_masked_url(tmp
     with pytest.raises(FailedPrecondition, match="cannot open the catalog") as e:
         Catalog(tmp_path / "wd", create=False, url=f"sqlite:///file:{bad}?password=hunter2&uri=true")
     assert "hunter2" not in str(e.value)
+
+
+def test_serve_with_an_unreadable_catalog_stops_with_one_masked_line(tmp_path, capsys):
+    from server.cli import main
+
+    bad = tmp_path / "not-a-db.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    toml = tmp_path / "server.toml"
+    toml.write_text(f'workdir = "wd"\ncatalog_url = "sqlite:///file:{bad}?password=hunter2&uri=true"\nport = 0\n')
+    assert main(["serve", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradindex serve: error: cannot open the catalog at") and err.count("\n") == 1
+    assert "hunter2" not in err and "password=***" in err

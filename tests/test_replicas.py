@@ -1,7 +1,8 @@
 """Stateless replicas: two real gRPC servers on loopback answer the same index from a shared catalog.
 
-The catalog lives in a SQLite file outside the index workdir, reached through ``catalog_url``
-(``sqlite:///...``: the same code path as a PostgreSQL/MySQL URL). Two indexes of the same digits
+One replica runs in the test process, the other is ``gradindex serve --config server.toml`` in its
+own process. The catalog lives in a SQLite file outside the index workdir, reached through
+``catalog_url`` (``sqlite:///...``: the same code path as a PostgreSQL/MySQL URL). Two indexes of the same digits
 data are served: one with its vectors in the FAISS workdir (both servers read the same files, and
 write nothing there), one with its vectors in Milvus reached by URI: a Milvus Lite gRPC server
 started as its own process (``python -m milvus_lite server``), which is how a Milvus cluster is
@@ -34,6 +35,7 @@ from server.config import ServerConfig
 from server.demo import ensure_digits_index
 
 N = 200
+REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "s3cr3t-pw"  # in the Milvus URI: must never come back in a reply
 
 
@@ -78,7 +80,7 @@ def replicas(tmp_path_factory):
     shared.mkdir()
     url = f"sqlite:///{shared / 'catalog.db'}"
     milvus, muri = _start_milvus(root / "milvus-data")
-    servers, clients = [], []
+    servers, clients, proc = [], [], None
     try:
         cluster_uri = muri.replace("http://", f"http://root:{PASSWORD}@")
         ensure_digits_index(wd, "digits", n=N, progress=False, overrides={"index": {"catalog_url": url}})
@@ -86,11 +88,26 @@ def replicas(tmp_path_factory):
             "index": {"catalog_url": url, "backend": "milvus", "milvus_uri": cluster_uri}})
         assert not (wd / "catalog.db").exists()  # the catalog went to the URL, not into the workdir
         before = _files(wd)
-        for _ in range(2):
-            srv = GradIndexServer(ServerConfig(workdir=str(wd), catalog_url=url, port=0, log_level="WARNING",
-                                               reload_without_admin_token=True)).start()
-            servers.append(srv)
-            clients.append(GradIndexClient(f"127.0.0.1:{srv.port}", timeout=60))
+        # replica 1: in this process; replica 2: `gradindex serve --config` in its own process, the
+        # catalog URL from the environment variable its server.toml names
+        srv = GradIndexServer(ServerConfig(workdir=str(wd), catalog_url=url, port=0, log_level="WARNING",
+                                           reload_without_admin_token=True)).start()
+        servers.append(srv)
+        clients.append(GradIndexClient(f"127.0.0.1:{srv.port}", timeout=60))
+        port = _free_port()
+        toml = root / "server.toml"
+        toml.write_text(f'workdir = "{wd}"\ncatalog_url_env = "GI_REPLICA_CATALOG"\nport = {port}\n'
+                        'log_level = "WARNING"\nreload_without_admin_token = true\ngrace_s = 1\n')
+        env = {**os.environ, "GI_REPLICA_CATALOG": url,
+               "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(toml)], cwd=REPO,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        clients.append(GradIndexClient(f"127.0.0.1:{port}", timeout=60))
+        try:
+            clients[-1].wait_ready(timeout=300)
+        except Exception:
+            proc.kill()
+            raise RuntimeError(f"gradindex serve did not start: {proc.communicate()[1].decode()[-3000:]}") from None
         X, y = load_digits_28()
         yield {"wd": wd, "url": url, "clients": clients, "X": X[:N], "Xq": X[-8:], "yq": y[-8:], "before": before,
                "root": root}
@@ -99,6 +116,12 @@ def replicas(tmp_path_factory):
             c.close()
         for s in servers:
             s.stop(0)
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         milvus.terminate()
         try:
             milvus.wait(20)
