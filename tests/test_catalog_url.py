@@ -181,7 +181,7 @@ def test_mask_url():
     assert mask_url("hunter2") == "<not a database URL>"
 
 
-def test_a_served_catalog_url_password_never_reaches_logs_or_replies(tmp_path, caplog):
+def test_a_served_catalog_url_password_never_reaches_logs_or_replies(tmp_path, caplog, capfd):
     """A SQLite URI filename ignores unknown query parameters: a real catalog whose URL carries a
     password-like value, served; logs, DescribeIndex, ListIndexes and error replies never show it."""
     import grpc
@@ -205,8 +205,10 @@ def test_a_served_catalog_url_password_never_reaches_logs_or_replies(tmp_path, c
             seen.append(e.value.details())
     finally:
         srv.stop(0)
-    assert "***" in seen[-1]  # the error names the catalog, masked
-    for s in seen + [caplog.text]:
+    assert "password=***" in seen[-1]  # the error names the catalog, masked
+    logs = capfd.readouterr().err + caplog.text  # the server's JSON log lines go to stderr
+    assert "ReloadIndex" in logs and "password=***" in logs  # the failed reload was logged, masked
+    for s in seen + [logs]:
         assert "hunter2" not in s
 
 
