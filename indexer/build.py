@@ -86,7 +86,7 @@ def build_index(config: str | Path | dict[str, Any] | BuildConfig, workdir: str 
     if engine not in ("local", "ray"):
         raise InvalidArgument(f"engine must be 'local' or 'ray', got {engine!r}.")
     set_threads(cfg.build.get("threads", 0))
-    cat = Catalog(workdir)
+    cat = Catalog(workdir, url=cfg.catalog_url)  # index.catalog_url, else <workdir>/catalog.db
     try:
         with build_lock(cat.workdir, cfg.name):  # one build per index name at a time (--replace included)
             return _build(cfg, cat, dataset, resume, replace, new_version, engine, progress, ray_address, t0)

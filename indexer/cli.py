@@ -26,6 +26,18 @@ def _workdir(args: argparse.Namespace) -> str:
     return args.workdir or os.environ.get(DEFAULT_WORKDIR_ENV) or "gradindex-data"
 
 
+CATALOG_ENV_HELP = ("environment variable holding the catalog's database URL when it is not the workdir's "
+                    "catalog.db (what index.catalog_url_env names in the build config)")
+
+
+def _catalog_url(args: argparse.Namespace) -> str | None:
+    """The checked catalog URL from ``--catalog-url-env`` (None: the workdir's catalog.db); ConfigError if bad."""
+    from indexer.catalog import catalog_url_setting
+
+    env = getattr(args, "catalog_url_env", None)
+    return catalog_url_setting({"catalog_url_env": env}, "--") if env else None
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from indexer.build import build_index
     from indexer.errors import GradIndexError
@@ -49,7 +61,7 @@ def _cmd_self_influence(args: argparse.Namespace) -> int:
     from indexer.query import open_index
 
     try:
-        idx = open_index(_workdir(args), args.index, load_model=False)
+        idx = open_index(_workdir(args), args.index, load_model=False, catalog_url=_catalog_url(args))
         try:
             rows = idx.self_influence_top(args.top, payload=False, lowest=args.lowest)
         finally:
@@ -94,7 +106,7 @@ def _cmd_proponents(args: argparse.Namespace) -> int:
         print(f"gradindex proponents: error: cannot read queries: {exc}", file=sys.stderr)
         return 2
     try:
-        idx = open_index(_workdir(args), args.index)
+        idx = open_index(_workdir(args), args.index, catalog_url=_catalog_url(args))
         try:
             res = index_proponents(idx, X, Y, k=args.top)
             rows = idx.get_examples(np.unique(np.concatenate([res.proponent_ids.ravel(),
@@ -147,6 +159,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("index", help="index name")
     q.add_argument("--top", type=int, default=10, help="how many examples (default 10)")
     q.add_argument("--workdir", help=WORKDIR_HELP)
+    q.add_argument("--catalog-url-env", metavar="NAME", help=CATALOG_ENV_HELP)
     q.add_argument("--lowest", action="store_true", help="the least self-influential (most typical) instead")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.set_defaults(func=_cmd_self_influence)
@@ -161,5 +174,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--labels", help=".npy of the queries' labels (default: the model's predicted class)")
     r.add_argument("--top", type=int, default=5, help="how many proponents and opponents per query (default 5)")
     r.add_argument("--workdir", help=WORKDIR_HELP)
+    r.add_argument("--catalog-url-env", metavar="NAME", help=CATALOG_ENV_HELP)
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
     r.set_defaults(func=_cmd_proponents)

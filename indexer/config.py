@@ -26,7 +26,8 @@ DATA_KEYS = {"format", "path", "x", "y", "ids", "labels", "split", "limit", "siz
              "features", "text_field", "label_field", "id_field", "preprocess", "dtype", "scale", "block_size"}
 INDEX_KEYS = {"name", "kernel", "faiss", "nlist", "nprobe", "pq_m", "pq_bits", "hnsw_m", "ef_construction",
               "ef_search", "mips", "factory", "rerank", "train_sample", "backend", "milvus_uri", "milvus_token_env",
-              "milvus_index", "milvus_batch"}
+              "milvus_index", "milvus_batch",
+              "catalog_url", "catalog_url_env"}
 PROJ_KEYS = {"kind", "dim", "dist", "seed", "block_rows"}
 BUILD_KEYS = {"chunk_size", "threads", "recall_sample", "keep_shards"}
 TOP_KEYS = {"model", "data", "index", "projection", "build", "setup"}
@@ -49,6 +50,9 @@ class BuildConfig:
     build: dict[str, Any] = field(default_factory=dict)
     setup: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    #: ``index.catalog_url`` (checked; None = the SQLite file in the workdir). Never stored in the
+    #: catalog (it may carry a password), so an index reopened from the catalog has None here.
+    catalog_url: str | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -232,6 +236,9 @@ def parse_config(source: str | Path | dict[str, Any], base_dir: str | Path | Non
     index.setdefault("kernel", "grad_dot")
     if index["kernel"] not in KERNELS:
         raise ConfigError("index.kernel", f"{index['kernel']!r} is unknown: use one of {', '.join(KERNELS)}.")
+    from indexer.catalog import catalog_url_setting
+
+    catalog_url = catalog_url_setting(index, "index.", base)  # popped: never stored in the catalog
     fspec = {k: v for k, v in index.items() if k not in ("name", "kernel")}
     if "faiss" in fspec:
         fspec["kind"] = fspec.pop("faiss")
@@ -261,7 +268,7 @@ def parse_config(source: str | Path | dict[str, Any], base_dir: str | Path | Non
     if not isinstance(rs, int) or rs < 0:
         raise ConfigError("build.recall_sample", "must be a non-negative integer.")
     build.setdefault("keep_shards", False)
-    return BuildConfig(base, model, data, index, pspec, faiss_spec, build, setup, raw)
+    return BuildConfig(base, model, data, index, pspec, faiss_spec, build, setup, raw, catalog_url)
 
 
 def make_loss(model_cfg: dict[str, Any]) -> Any:

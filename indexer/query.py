@@ -65,6 +65,17 @@ class CheckpointDescription:
     fingerprint: str
 
 
+def _masked_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """The index parameters with the credentials of a Milvus URI (``https://user:password@host``) masked:
+    descriptions go to clients."""
+    d = dict(params or {})
+    uri = d.get("milvus_uri")
+    if isinstance(uri, str) and "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        d["milvus_uri"] = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return d
+
+
 @dataclass(frozen=True)
 class IndexDescription:
     """What a client may want to know about an index, read once from the catalog.
@@ -103,7 +114,7 @@ class IndexDescription:
         """The description of a catalog row (its model and checkpoints loaded)."""
         return cls(name=r.name, version=r.version, model=r.model.name, framework=r.model.framework,
                    task=r.model.task, loss=r.loss, class_names=r.model.class_names, kernel=r.kernel, params=r.params,
-                   projection=r.projection, faiss=r.faiss_kind, faiss_params=r.faiss_params, dim=r.dim,
+                   projection=r.projection, faiss=r.faiss_kind, faiss_params=_masked_params(r.faiss_params), dim=r.dim,
                    count=int(r.count), recall_at_10=r.recall_at_10, fingerprint=r.fingerprint,
                    input_shape=r.config.get("input_shape"), path=r.path, created=r.created.isoformat(),
                    checkpoints=[CheckpointDescription(c.path, c.learning_rate, c.fingerprint)
@@ -404,13 +415,16 @@ class GradIndex:
 
 
 def open_index(workdir: str | Path, name: str, version: int | None = None, mmap: bool | None = None,
-               load_model: bool = True, max_k: int = MAX_K) -> GradIndex:
+               load_model: bool = True, max_k: int = MAX_K, catalog_url: str | None = None) -> GradIndex:
     """Open the ready index ``name`` (newest version unless given) in ``workdir``; ``max_k`` bounds k.
+
+    ``catalog_url``: the catalog database (operator configuration only; None = ``workdir``'s SQLite
+    file). The index files are read from ``workdir`` either way.
 
     Raises NotFound (no such index/catalog), FailedPrecondition (index still building, file
     missing) or ModelMismatch (weights changed since the build).
     """
-    cat = Catalog(workdir, create=False)
+    cat = Catalog(workdir, create=False, url=catalog_url)
     with cat.session() as s:
         row = cat.index(s, name, version)
         if row is None:
@@ -419,17 +433,29 @@ def open_index(workdir: str | Path, name: str, version: int | None = None, mmap:
             if building is not None:
                 raise FailedPrecondition(f"index {name!r} is not built yet (status {building.status}); finish it "
                                          "with gradindex build --resume.")
-            raise NotFound(f"no index {name!r} in {Path(workdir).resolve()}.")
+            raise NotFound(f"no index {name!r} in {cat.where if catalog_url else Path(workdir).resolve()}.")
         _ = row.model.checkpoints  # load relationships before the session closes
     path = cat.workdir / row.path
-    if not path.exists():
+    spec = IndexSpec.from_dict(row.faiss_params)
+    # Vectors in a Milvus cluster: the catalog row names the collection, so a server needs no
+    # file from the build's workdir (stateless replicas); a Lite file is opened via its store.json.
+    in_cluster = spec.backend == "milvus" and "://" in (spec.milvus_uri or "")
+    if not path.exists() and not in_cluster:
         cat.close()
         raise FailedPrecondition(f"index file {path} is missing: rebuild the index with --replace.")
-    spec = IndexSpec.from_dict(row.faiss_params)
-    if vectorstore.handles(spec):  # vectorstore hook: two-stage FAISS / Milvus stores
-        store = vectorstore.open_store(path, spec, row.kernel, row.dim, cat.workdir, mmap=mmap)
-    else:
-        store = VectorStore.load(path, spec, row.kernel, row.dim, mmap=mmap)
+    try:
+        if in_cluster and not path.exists():
+            from indexer.vectorstore.milvus import MilvusStore, collection_name
+
+            store = MilvusStore(path.parent, spec, row.kernel, row.dim, cat.workdir,
+                                meta={"collection": collection_name(row.name, row.version), "count": int(row.count)})
+        elif vectorstore.handles(spec):  # vectorstore hook: two-stage FAISS / Milvus stores
+            store = vectorstore.open_store(path, spec, row.kernel, row.dim, cat.workdir, mmap=mmap)
+        else:
+            store = VectorStore.load(path, spec, row.kernel, row.dim, mmap=mmap)
+    except BaseException:
+        cat.close()
+        raise
     try:
         return GradIndex(cat, row, store, load_model=load_model, max_k=max_k)
     except BaseException:
@@ -437,11 +463,11 @@ def open_index(workdir: str | Path, name: str, version: int | None = None, mmap:
         raise
 
 
-def list_indexes(workdir: str | Path) -> list[IndexDescription]:
-    """Descriptions of the current ready version of every index in ``workdir``, by name, without
-    loading models ([] when there is no catalog)."""
+def list_indexes(workdir: str | Path, catalog_url: str | None = None) -> list[IndexDescription]:
+    """Descriptions of the current ready version of every index in ``workdir``'s catalog (or the one
+    at ``catalog_url``), by name, without loading models ([] when there is no catalog)."""
     try:
-        cat = Catalog(workdir, create=False)
+        cat = Catalog(workdir, create=False, url=catalog_url)
     except NotFound:
         return []
     try:

@@ -83,7 +83,7 @@ class GradIndexServer:
         self.log = setup_logging(config.log_level)
         self.metrics = Metrics()
         self.registry = registry if registry is not None else Registry(
-            config.workdir, config.indexes or None, max_k=config.max_k)
+            config.workdir, config.indexes or None, max_k=config.max_k, catalog_url=config.catalog_url)
         self.registry.subscribe(self._index_changed)
         self.health = health.HealthServicer()
         self.port: int | None = None

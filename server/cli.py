@@ -23,11 +23,11 @@ DEFAULT_DEMO_WORKDIR = "runs/digits"
 
 def _serve(args: argparse.Namespace) -> int:
     """``gradindex serve``; a config or startup error is one line on stderr and exit status 2."""
-    from indexer.errors import InvalidArgument, NotFound
+    from indexer.errors import FailedPrecondition, InvalidArgument, NotFound
 
     try:
         return _serve_inner(args)
-    except (ValueError, OSError, InvalidArgument, NotFound, RuntimeError) as exc:
+    except (ValueError, OSError, InvalidArgument, NotFound, FailedPrecondition, RuntimeError) as exc:
         print(f"gradindex serve: error: {exc}", file=sys.stderr, flush=True)
         return 2
 

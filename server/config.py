@@ -2,7 +2,9 @@
 
 Example (docs/server.md lists every key)::
 
-    workdir = "runs/digits"          # catalog + index files (indexer.query.open_index)
+    workdir = "runs/digits"          # index files (and the catalog, unless catalog_url says elsewhere)
+    catalog_url_env = "GRADINDEX_CATALOG_URL"  # or catalog_url = "postgresql+psycopg://..." /
+                                     # catalog_url_file; absent = <workdir>/catalog.db (never set by clients)
     indexes = ["digits"]             # served indexes; [] or absent = every index in the catalog
     host = "127.0.0.1"
     port = 50051
@@ -55,6 +57,9 @@ class ServerConfig:
     """Everything the server needs to start; defaults are safe for local use."""
 
     workdir: str = "runs/gradindex"
+    # The catalog database (SQLAlchemy URL) when it is not <workdir>/catalog.db: a server database
+    # shared by replicas. May carry a password: kept out of repr and logs (indexer.catalog.mask_url).
+    catalog_url: str | None = field(default=None, repr=False)
     indexes: list[str] = field(default_factory=list)  # empty: all indexes in the catalog
     host: str = "127.0.0.1"
     port: int = 50051
@@ -136,6 +141,10 @@ class ServerConfig:
                 raise ValueError(f"[{key}] must map names to non-empty paths or package names")
         if self.indexes and len(self.indexes) > self.max_served:
             raise ValueError(f"indexes lists {len(self.indexes)} names, more than max_served={self.max_served}")
+        if self.catalog_url is not None:
+            from indexer.catalog import check_catalog_url
+
+            self.catalog_url = check_catalog_url(self.catalog_url, "catalog_url")  # ConfigError is a ValueError
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         return self
@@ -151,7 +160,7 @@ class ServerConfig:
         tls = raw.pop("tls", None) or {}
         if tls:
             raw["tls_cert"], raw["tls_key"] = tls.get("cert"), tls.get("key")
-        for key in ("token", "admin_token"):
+        for key in ("token", "admin_token", "catalog_url"):
             _resolve_secret(raw, key, base)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
@@ -160,6 +169,10 @@ class ServerConfig:
         for key in ("workdir", "tls_cert", "tls_key"):
             if raw.get(key) is not None:
                 raw[key] = str((base / raw[key]).resolve())
+        if raw.get("catalog_url") is not None:  # a relative SQLite path is relative to this file too
+            from indexer.catalog import check_catalog_url
+
+            raw["catalog_url"] = check_catalog_url(raw["catalog_url"], "catalog_url", base)
         lms = raw.get("language_models")
         if isinstance(lms, dict):  # directories, relative to the config file
             raw["language_models"] = {k: str((base / v).resolve()) if isinstance(v, str) else v for k, v in lms.items()}

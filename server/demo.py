@@ -37,7 +37,7 @@ def ensure_digits_index(workdir: str | Path, name: str = DEMO_INDEX, n: int | No
     from indexer.query import list_indexes
 
     workdir = Path(workdir)
-    if any(d.name == name for d in list_indexes(workdir)):
+    if any(d.name == name for d in list_indexes(workdir, (overrides or {}).get("index", {}).get("catalog_url"))):
         return name
     raw = tomllib.loads(CONFIG.read_text())
     raw["index"]["name"] = name

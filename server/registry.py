@@ -10,6 +10,7 @@ hear about every (re)load (the server updates its metrics that way).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -45,9 +46,9 @@ class Served:
         return self.index.lock
 
 
-def index_names(workdir: str) -> list[str]:
-    """Names of the ready indexes in ``workdir``'s catalog ([] when there is none)."""
-    return [d.name for d in list_indexes(workdir)]
+def index_names(workdir: str, catalog_url: str | None = None) -> list[str]:
+    """Names of the ready indexes in ``workdir``'s catalog or the one at ``catalog_url`` ([] when there is none)."""
+    return [d.name for d in list_indexes(workdir, catalog_url)]
 
 
 class Registry:
@@ -60,14 +61,20 @@ class Registry:
     def __init__(self, workdir: str, names: list[str] | None = None, *, max_k: int = MAX_K,
                  opener: Callable[..., GradIndex] = open_index,
                  lister: Callable[[str], list[str]] = index_names,
-                 on_change: Callable[[Served], None] | None = None) -> None:
+                 on_change: Callable[[Served], None] | None = None, catalog_url: str | None = None) -> None:
         self.workdir = workdir
+        self.catalog_url = catalog_url  # operator configuration only: the catalog database (None: workdir file)
         self.max_k = int(max_k)
         self._open = opener
         self._listeners: list[Callable[[Served], None]] = [on_change] if on_change is not None else []
         self._lock = threading.Lock()
         self._served: dict[str, Served] = {}
         self._generation = 0
+        if catalog_url is not None:  # the default opener/lister read the catalog database at the URL
+            if opener is open_index:
+                self._open = functools.partial(open_index, catalog_url=catalog_url)
+            if lister is index_names:
+                lister = functools.partial(index_names, catalog_url=catalog_url)
         for name in (names if names else lister(workdir)):
             self.reload(name)
 

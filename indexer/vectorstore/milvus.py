@@ -163,8 +163,10 @@ class MilvusStore:
     """Search an index version's Milvus collection with the FAISS stores' conventions."""
 
     def __init__(self, directory: str | os.PathLike, spec: IndexSpec, kernel: str, dim: int,
-                 workdir: str | os.PathLike) -> None:
-        meta = json.loads((Path(directory) / STORE_FILE).read_text())
+                 workdir: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
+        # meta (collection, count) from the catalog lets a server open a cluster collection without the
+        # build's store.json (stateless replicas); else it is read from the index version's directory.
+        meta = meta if meta is not None else json.loads((Path(directory) / STORE_FILE).read_text())
         self.spec, self.kernel, self.dim = spec, kernel, dim
         self.collection: str = meta["collection"]
         self.n = int(meta["count"])
