@@ -119,15 +119,29 @@ def test_every_bad_input_gets_its_code_and_the_server_keeps_answering(env):
 
 def test_expired_deadline_is_abandoned_between_stages(env):
     c, srv = env["c"], env["srv"]
-    ctr = srv.metrics.requests.labels("FindSimilar", "DEADLINE_EXCEEDED")
-    before = ctr._value.get()
+    lab = srv.metrics.requests.labels
+    gave_up = [lab("FindSimilar", code) for code in ("DEADLINE_EXCEEDED", "CANCELLED")]
+    done = lab("FindSimilar", "OK")
+
+    def count(ctrs) -> float:
+        return sum(ctr._value.get() for ctr in ctrs)
+
+    before, ok_before = count(gave_up), done._value.get()
     big = np.repeat(env["Xq"], 8, axis=0)  # 64 queries: the gradient stage alone takes far longer than 5 ms
-    code, _ = _code(lambda: c.find_similar("digits", big, k=3, timeout=0.005))
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    t0 = time.time()
-    while ctr._value.get() == before and time.time() - t0 < 10:
-        time.sleep(0.05)
-    assert ctr._value.get() == before + 1  # the server gave up instead of finishing the work
+    # A loaded machine can let a 5 ms deadline pass before the call reaches the handler (gRPC then drops
+    # it unseen, and there is nothing to abandon); the next attempts give the handler time to start.
+    for timeout in (0.005, 0.01, 0.02, 0.04):
+        code, _ = _code(lambda: c.find_similar("digits", big, k=3, timeout=timeout))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        t0 = time.time()
+        while count(gave_up) == before and time.time() - t0 < 5:
+            time.sleep(0.05)
+        if count(gave_up) > before:
+            break
+    # The server gave up instead of finishing the work: recorded as an expired deadline, or as a
+    # cancellation when the client's departure reaches the server before its own deadline check.
+    assert count(gave_up) == before + 1
+    assert done._value.get() == ok_before
     assert c.find_similar("digits", env["Xq"][:1], k=2).ids.shape == (1, 2)
 
 
