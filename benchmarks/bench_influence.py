@@ -12,10 +12,12 @@ Prints, each with a baseline measured in the same run:
    against a brute-force leave-one-out refit loop (and their largest difference), the paper's
    observations as numbers (which points carry the highest self-influence, whether z's strongest
    proponents are its nearest neighbours, opponents from z's own cluster); two PNGs.
-3. VAE-TracIn: the error of each encoder-noise estimator of the loss gradient against a
-   many-sample reference; the share of training digits that are their own strongest proponent
-   (Kong & Chaudhuri report > 99%; baseline: raw pixels) for per-example, independent-query and
-   shared draws, SGD vs Adam, and where the misses come from; self-influence against the loss
+3. VAE-TracIn with the paper's recipe (its MNIST VAE layout scaled down, beta = 4, plain SGD,
+   fresh independent encoder draws per gradient, its squared-error TracIn loss and the Bernoulli
+   one): the error of each encoder-noise estimator (S = 1 .. 64) against a many-sample reference,
+   the check after a dense projection; the share of training digits that are their own strongest
+   proponent (Kong & Chaudhuri report > 99%; baseline: raw pixels), over all checkpoints and the
+   last, and where the misses come from; self-influence against the loss
    (Spearman and a scatter PNG); the share of held-out digits' strongest proponents / opponents with
    the query's label (paper ~80% / ~40%); the green/red-box sanity-check PNG.
 4. Hanawa's identical-class test per kernel on the digits CNN: share of test digits whose top
