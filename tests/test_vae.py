@@ -229,8 +229,8 @@ def test_paper_architecture_and_checkpoint_reload(tmp_path):
     dec = [tuple(m.weight.shape) for m in vae.dec if isinstance(m, torch.nn.Linear)]
     assert enc == [(32, 784), (16, 32), (8, 16), (8, 8)]
     assert dec == [(8, 4), (16, 8), (32, 16), (784, 32)]
-    assert all(float(m.bias.abs().max()) == 0 for m in vae.enc if isinstance(m, torch.nn.Linear))
-    assert float(vae.enc[0].weight.std()) == pytest.approx(math.sqrt(2 / 784), rel=0.1)  # Kaiming normal, fan_in
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in vae.enc if isinstance(m, torch.nn.Linear))
+    assert float(vae.enc[0].weight.detach().std()) == pytest.approx(math.sqrt(2 / 784), rel=0.1)  # Kaiming normal, fan_in
     torch.save(vae.state_dict(), tmp_path / "ck.pt")
     back = load_vae(tmp_path / "ck.pt", likelihood="gaussian")
     assert back.hidden == (32, 16, 8) and back.latent == 4 and float(back.kl_weight) == 4.0
