@@ -283,30 +283,35 @@ def identical_class_rate(S: Any, train_labels: Any, query_classes: Any) -> float
 
 # ---- the unsupervised model ---------------------------------------------------------------------
 def load_vae(path: str | Path, n_samples: int | None = None, noise_seed: int | None = None,
-             noise: str = "per_example"):
-    """An :class:`indexer.vae.VAE` rebuilt from a checkpoint's state_dict (sizes read from its shapes),
-    as the per-example-loss module (``vae_loss_model``) with ``n_samples`` encoder samples (default:
-    the checkpoint's), noise mode ``noise`` and seed ``noise_seed`` (default 0)."""
+             noise: str = "per_example", likelihood: str = "bernoulli"):
+    """An :class:`indexer.vae.VAE` rebuilt from a checkpoint's state_dict (layer sizes read from its
+    shapes, the KL weight from its ``kl_weight`` buffer, 1 when the checkpoint predates it), as the
+    per-example-loss module (``vae_loss_model``) with ``n_samples`` encoder samples (default: the
+    checkpoint's), noise mode ``noise``, seed ``noise_seed`` (default 0) and reconstruction term
+    ``likelihood``."""
     import torch
 
     from indexer.vae import VAE, vae_loss_model
 
     sd = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        hidden, input_dim = sd["enc.0.weight"].shape
-        latent = sd["enc.2.weight"].shape[0] // 2
-        S = sd["noise"].shape[0]
-    except KeyError as exc:
-        raise ValueError(f"{path} is not an indexer.vae.VAE checkpoint (missing {exc})") from None
-    vae = VAE(int(input_dim), hidden=int(hidden), latent=int(latent), n_samples=int(S),
-              noise_seed=0 if noise_seed is None else int(noise_seed), noise=noise)
+    enc = sorted((int(k.split(".")[1]), v) for k, v in sd.items() if k.startswith("enc.") and k.endswith(".weight"))
+    if not enc or "noise" not in sd:
+        raise ValueError(f"{path} is not an indexer.vae.VAE checkpoint (no encoder weights or noise buffer)")
+    input_dim = enc[0][1].shape[1]
+    hidden = [int(w.shape[0]) for _, w in enc[:-1]]
+    latent = enc[-1][1].shape[0] // 2
+    sd = dict(sd)
+    sd.setdefault("kl_weight", torch.tensor(1.0))
+    vae = VAE(int(input_dim), hidden=hidden, latent=int(latent), n_samples=int(sd["noise"].shape[0]),
+              noise_seed=0 if noise_seed is None else int(noise_seed), noise=noise,
+              beta=float(sd["kl_weight"]), likelihood=likelihood)
     vae.load_state_dict(sd)  # the shared-noise buffer too: kept unless n_samples / noise_seed redraw it
     return vae_loss_model(vae, n_samples=n_samples, noise_seed=noise_seed)
 
 
 def vae_tracin(paths: Sequence[str | Path], lrs: Sequence[float] | float, n_samples: int | None = None,
                noise_seed: int | None = None, chunk_size: int = 256, noise: str = "per_example",
-               query_noise_seed: int | None = None) -> TracIn:
+               query_noise_seed: int | None = None, likelihood: str = "bernoulli") -> TracIn:
     """VAE-TracIn (Kong & Chaudhuri 2021) over VAE checkpoint files: the loss is the negative ELBO
     averaged over ``n_samples`` encoder samples (default: the checkpoint's count).
 
@@ -314,11 +319,15 @@ def vae_tracin(paths: Sequence[str | Path], lrs: Sequence[float] | float, n_samp
     with ``query_noise_seed`` set (and different from ``noise_seed``), query gradients use draws
     independent of the training gradients' even for the same example — fresh noise for every
     gradient, as in the paper, so a self-influence TracIn(x, x) is not inflated by the noise's own
-    square. ``noise="shared"``: one set of draws for every example (for comparison)."""
-    models = [load_vae(p, n_samples=n_samples, noise_seed=noise_seed, noise=noise) for p in paths]
+    square. ``noise="shared"``: one set of draws for every example (for comparison).
+    ``likelihood="gaussian"``: the reconstruction term Kong & Chaudhuri's code differentiates (squared
+    error of the decoded means, see :class:`indexer.vae.VAE`); the KL weight is the checkpoint's."""
+    models = [load_vae(p, n_samples=n_samples, noise_seed=noise_seed, noise=noise, likelihood=likelihood)
+              for p in paths]
     qmodels = None
     if query_noise_seed is not None and query_noise_seed != noise_seed:
-        qmodels = [load_vae(p, n_samples=n_samples, noise_seed=query_noise_seed, noise=noise) for p in paths]
+        qmodels = [load_vae(p, n_samples=n_samples, noise_seed=query_noise_seed, noise=noise, likelihood=likelihood)
+                   for p in paths]
     return TracIn(models, lrs, loss_fn=None, task="unsupervised", chunk_size=chunk_size, query_models=qmodels)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,34 +40,72 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["VAE", "train_vae", "vae_loss_model", "NOISE_MODES"]
+__all__ = ["VAE", "train_vae", "vae_loss_model", "paper_hidden", "NOISE_MODES", "LIKELIHOODS"]
 
 NOISE_MODES = ("per_example", "shared")
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+def _mlp(dims: Sequence[int]) -> list[nn.Module]:
+    """Linear layers between consecutive sizes, ReLU between them (none after the last)."""
+    out: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        if i:
+            out.append(nn.ReLU())
+        out.append(nn.Linear(a, b))
+    return out
+
+
+def paper_hidden(latent: int) -> tuple[int, int, int]:
+    """Hidden sizes of Kong & Chaudhuri's MNIST VAE (BetaVAE_MNIST, 3 layers) for ``latent`` latents:
+    784 -> 8d -> 4d -> 2d -> (mu, log sigma^2) and back; d = 128 in the paper (784-1024-512-256)."""
+    return (8 * int(latent), 4 * int(latent), 2 * int(latent))
 
 
 class VAE(nn.Module):
-    """MLP VAE: encoder input -> hidden -> (mu, log sigma^2), decoder latent -> hidden -> pixel logits.
+    """MLP VAE: encoder input -> hidden... -> (mu, log sigma^2), decoder latent -> hidden (reversed)
+    -> pixel logits. ``hidden``: one size (the small default 784-128-8) or several
+    (:func:`paper_hidden` gives the paper's MNIST VAE, with ``init="kaiming"`` as it initialises).
 
-    ``forward(x)`` returns the per-example negative ELBO (n,) averaged over ``n_samples`` encoder
-    samples: each example's own draws (``noise="per_example"``) or the ``noise`` buffer shared by all
-    (``noise="shared"``); see the module docstring. Inputs: (n, 1, 28, 28) or anything that flattens
-    to (n, input_dim), values in [0, 1].
+    ``forward(x)`` returns the per-example loss (n,) averaged over ``n_samples`` encoder samples: each
+    example's own draws (``noise="per_example"``) or the ``noise`` buffer shared by all
+    (``noise="shared"``); see the module docstring. The loss is reconstruction + ``beta`` * KL
+    (beta = 1: the negative ELBO; the paper's MNIST VAE uses beta = 4), the reconstruction either the
+    Bernoulli negative log-likelihood (``likelihood="bernoulli"``) or the squared error of the
+    decoded means sum (sigmoid(logits) - x)^2 (``"gaussian"``: what Kong & Chaudhuri's code
+    differentiates for TracIn, calc_loss in tracin.py, although it trains with the Bernoulli one).
+    Inputs: (n, 1, 28, 28) or anything that flattens to (n, input_dim), values in [0, 1].
     """
 
-    def __init__(self, input_dim: int = 784, hidden: int = 128, latent: int = 8, n_samples: int = 8,
-                 noise_seed: int = 0, noise: str = "per_example") -> None:
+    def __init__(self, input_dim: int = 784, hidden: int | Sequence[int] = 128, latent: int = 8, n_samples: int = 8,
+                 noise_seed: int = 0, noise: str = "per_example", beta: float = 1.0,
+                 likelihood: str = "bernoulli", init: str = "default") -> None:
         super().__init__()
-        if min(input_dim, hidden, latent, n_samples) < 1:
+        hs = [int(hidden)] if isinstance(hidden, (int, np.integer)) else [int(h) for h in hidden]
+        if not hs or min([input_dim, latent, n_samples, *hs]) < 1:
             raise ValueError(f"input_dim, hidden, latent and n_samples must be >= 1, got "
                              f"{input_dim}, {hidden}, {latent}, {n_samples}")
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-        self.input_dim, self.latent = int(input_dim), int(latent)
-        self.noise_mode, self.noise_seed = noise, int(noise_seed)
-        self.enc = nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent))
-        self.dec = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, input_dim))
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if init not in ("default", "kaiming"):
+            raise ValueError(f"init must be 'default' or 'kaiming', got {init!r}")
+        if not (np.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+        self.input_dim, self.latent, self.hidden = int(input_dim), int(latent), tuple(hs)
+        self.noise_mode, self.noise_seed, self.likelihood = noise, int(noise_seed), likelihood
+        self.enc = nn.Sequential(*_mlp([self.input_dim, *hs, 2 * self.latent]))
+        self.dec = nn.Sequential(*_mlp([self.latent, *hs[::-1], self.input_dim]))
+        if init == "kaiming":  # as Kong & Chaudhuri's BetaVAE_MNIST: Kaiming-normal weights, zero biases
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.kaiming_normal_(m.weight)
+                    nn.init.zeros_(m.bias)
         g = torch.Generator().manual_seed(int(noise_seed))
         self.register_buffer("noise", torch.randn(int(n_samples), int(latent), generator=g))
+        # the KL weight is part of the loss TracIn differentiates: stored with the checkpoints
+        self.register_buffer("kl_weight", torch.tensor(float(beta)))
 
     @property
     def n_samples(self) -> int:
@@ -110,20 +149,26 @@ class VAE(nn.Module):
             eps = eps[None]
         z = mu[:, None, :] + torch.exp(0.5 * logvar)[:, None, :] * eps  # (n, S, latent)
         logits = self.dec(z)  # (n, S, input_dim)
-        rec = F.binary_cross_entropy_with_logits(logits, xf[:, None, :].expand_as(logits), reduction="none")
+        target = xf[:, None, :].expand_as(logits)
+        if self.likelihood == "bernoulli":
+            rec = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        else:  # "gaussian": the squared error of the decoded means, as the paper's TracIn loss
+            rec = (torch.sigmoid(logits) - target).pow(2)
         rec = rec.sum(-1).mean(-1)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
-        return rec + kl
+        return rec + self.kl_weight * kl
 
     def neg_elbo_sampled(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per-example negative ELBO (n,) with one fresh noise draw per example (for training:
-        unbiased for every example, unlike one draw shared by a whole batch)."""
+        """Per-example training objective (n,): Bernoulli reconstruction + beta * KL with one fresh
+        noise draw per example (unbiased for every example, unlike one draw shared by a whole batch).
+        Always the Bernoulli likelihood, whatever ``likelihood`` the TracIn loss uses: the paper's
+        MNIST VAE is trained so."""
         xf = self._flat(x)
         mu, logvar = self.encode(xf)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
         rec = F.binary_cross_entropy_with_logits(self.dec(z), xf, reduction="none").sum(-1)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
-        return rec + kl
+        return rec + self.kl_weight * kl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.neg_elbo(x, self.example_noise(x))
@@ -141,14 +186,20 @@ def _check_X(X: np.ndarray) -> np.ndarray:
 
 
 def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[str] | None = None,
-              lr: float = 2e-3, batch_size: int = 64, hidden: int = 128, latent: int = 8,
-              n_samples: int = 8, optimizer: str = "adam", noise: str = "per_example") -> VAE:
+              lr: float = 2e-3, batch_size: int = 64, hidden: int | Sequence[int] = 128, latent: int = 8,
+              n_samples: int = 8, optimizer: str = "adam", noise: str = "per_example", beta: float = 1.0,
+              init: str = "default", likelihood: str = "bernoulli") -> VAE:
     """Train a VAE on X (n, 1, 28, 28) in [0, 1]; return it in eval mode.
 
     ``optimizer``: "adam" (default) or "sgd" (plain SGD, no momentum: the VAE-TracIn paper's
     recipe, Kong & Chaudhuri 2021, and the one TracIn's first-order analysis assumes; see
     docs/influence.md for why it matters to the self-proponent check). Every example of a batch
     draws its own reparameterization noise (one sample per example and step).
+
+    ``hidden``, ``latent``, ``beta``, ``init``, ``likelihood``: see :class:`VAE` (training always
+    uses the Bernoulli reconstruction + beta * KL; ``likelihood`` only sets the loss the returned
+    model and its checkpoints' TracIn differentiate). The paper's MNIST recipe:
+    ``hidden=paper_hidden(latent), beta=4, init="kaiming", optimizer="sgd"``.
 
     Deterministic for a given seed (weights, batch order and training noise are seeded; the noise
     of the loss is seeded by ``seed`` too, ``noise`` picks its mode: see :class:`VAE`).
@@ -170,7 +221,7 @@ def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[
     save_at = {round((k + 1) * epochs / C): p for k, p in enumerate(checkpoints)} if C else {}
     torch.manual_seed(seed)
     vae = VAE(int(np.prod(X.shape[1:])), hidden=hidden, latent=latent, n_samples=n_samples, noise_seed=seed,
-              noise=noise)
+              noise=noise, beta=beta, likelihood=likelihood, init=init)
     opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(vae.parameters(), lr=lr)
     Xt = torch.as_tensor(X.reshape(len(X), -1))
     g = torch.Generator().manual_seed(seed)
@@ -192,20 +243,25 @@ def train_vae(X: np.ndarray, epochs: int = 10, seed: int = 0, checkpoints: list[
 
 
 def vae_loss_model(vae: VAE, n_samples: int | None = None, noise_seed: int | None = None,
-                   noise: str | None = None) -> VAE:
+                   noise: str | None = None, likelihood: str | None = None) -> VAE:
     """The module whose output is the per-example loss (negative ELBO), for the gradient engine
     (``make_engine(vae_loss_model(vae), None, task="unsupervised")``).
 
     That is the VAE itself in eval mode (same parameter names as its checkpoints' state_dicts, so
     TracIn can load them). With ``n_samples`` / ``noise_seed`` / ``noise``, a copy with that many
     encoder samples (more: a lower-variance ELBO estimate, as Kong & Chaudhuri recommend), that
-    seed (another seed: independent draws for the same examples) and that noise mode.
+    seed (another seed: independent draws for the same examples), that noise mode and that
+    reconstruction term (``likelihood``, see :class:`VAE`).
     """
     if not isinstance(vae, VAE):
         raise TypeError(f"vae_loss_model needs an indexer.vae.VAE, got {type(vae).__name__}")
-    if n_samples is None and noise_seed is None and noise is None:
+    if n_samples is None and noise_seed is None and noise is None and likelihood is None:
         return vae.eval()
     out = copy.deepcopy(vae)
+    if likelihood is not None:
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        out.likelihood = likelihood
     S = vae.n_samples if n_samples is None else int(n_samples)
     if S < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")

@@ -189,3 +189,60 @@ def test_bad_training_input():
         train_vae(np.full((4, 1, 28, 28), 2.0, dtype=np.float32), epochs=1)
     with pytest.raises(ValueError, match="NaN"):
         train_vae(np.full((4, 1, 28, 28), np.nan, dtype=np.float32), epochs=1)
+
+
+def test_gaussian_loss_and_kl_weight_match_hand_computation():
+    """The paper's TracIn loss: sum (sigmoid(logit) - x)^2 over pixels, averaged over the draws, plus
+    beta * KL; the same 2-pixel VAE worked out by hand with beta = 4."""
+    base = _hand_vae("shared")
+    vae = VAE(input_dim=2, hidden=2, latent=1, n_samples=2, noise="shared", beta=4.0, likelihood="gaussian").double()
+    vae.load_state_dict({**base.state_dict(), "kl_weight": torch.tensor(4.0, dtype=torch.float64)})
+    x = [0.8, 0.25]
+    h = [0.55, 0.0]
+    mu = 0.3 * h[0] - 0.2 * h[1] + 0.1
+    logvar = 0.1 * h[0] + 0.4 * h[1] - 0.5
+    rec = 0.0
+    for eps in (0.5, -1.5):
+        z = mu + math.exp(0.5 * logvar) * eps
+        hd = [max(0.0, z + 0.2), max(0.0, -2.0 * z + 0.3)]
+        logits = [hd[0] + 0.5 * hd[1], -hd[0] + 2.0 * hd[1] + 0.1]
+        rec += sum((_sigmoid(li) - xi) ** 2 for xi, li in zip(x, logits)) / 2
+    kl = 0.5 * (mu ** 2 + math.exp(logvar) - 1 - logvar)
+    got = float(vae(torch.tensor([x], dtype=torch.float64)).detach()[0])
+    assert got == pytest.approx(rec + 4.0 * kl, rel=1e-12)
+    # vae_loss_model switches the reconstruction term of a copy, the KL weight stays
+    bern = vae_loss_model(vae, likelihood="bernoulli")
+    assert bern.likelihood == "bernoulli" and vae.likelihood == "gaussian" and float(bern.kl_weight) == 4.0
+    with pytest.raises(ValueError, match="likelihood"):
+        vae_loss_model(vae, likelihood="poisson")
+
+
+def test_paper_architecture_and_checkpoint_reload(tmp_path):
+    """paper_hidden(d) gives Kong & Chaudhuri's BetaVAE_MNIST layout (784-8d-4d-2d, mirrored), Kaiming
+    init with zero biases; load_vae rebuilds it (sizes, beta) from a checkpoint."""
+    from indexer.influence import load_vae
+    from indexer.vae import paper_hidden
+
+    assert paper_hidden(128) == (1024, 512, 256)
+    vae = VAE(784, hidden=paper_hidden(4), latent=4, beta=4.0, init="kaiming")
+    enc = [tuple(m.weight.shape) for m in vae.enc if isinstance(m, torch.nn.Linear)]
+    dec = [tuple(m.weight.shape) for m in vae.dec if isinstance(m, torch.nn.Linear)]
+    assert enc == [(32, 784), (16, 32), (8, 16), (8, 8)]
+    assert dec == [(8, 4), (16, 8), (32, 16), (784, 32)]
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in vae.enc if isinstance(m, torch.nn.Linear))
+    assert float(vae.enc[0].weight.detach().std()) == pytest.approx(math.sqrt(2 / 784), rel=0.1)  # Kaiming normal, fan_in
+    torch.save(vae.state_dict(), tmp_path / "ck.pt")
+    back = load_vae(tmp_path / "ck.pt", likelihood="gaussian")
+    assert back.hidden == (32, 16, 8) and back.latent == 4 and float(back.kl_weight) == 4.0
+    assert back.likelihood == "gaussian"
+    for (k1, v1), (k2, v2) in zip(vae.state_dict().items(), back.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    # a checkpoint from before the KL weight was stored loads with beta = 1
+    sd = vae.state_dict()
+    del sd["kl_weight"]
+    torch.save(sd, tmp_path / "old.pt")
+    assert float(load_vae(tmp_path / "old.pt").kl_weight) == 1.0
+    with pytest.raises(ValueError, match="likelihood"):
+        VAE(784, likelihood="laplace")
+    with pytest.raises(ValueError, match="beta"):
+        VAE(784, beta=-1.0)

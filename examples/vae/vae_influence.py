@@ -1,8 +1,10 @@
 """VAE-TracIn on the digits: an unsupervised model's proponents, opponents and self-influence.
 
-Trains the small digits VAE (``indexer.vae``, loss = negative ELBO averaged over several encoder
-samples) with plain SGD and checkpoints (the recipe of Kong & Chaudhuri 2021; see
-docs/influence.md for why SGD rather than Adam), then with ``indexer.influence``:
+Trains the paper's MNIST VAE layout scaled to the digits (``indexer.vae``: 784-8d-4d-2d with d
+latents, Kaiming init, beta = 4) with plain SGD and checkpoints (the recipe of Kong & Chaudhuri
+2021; see docs/influence.md for why SGD rather than Adam), then with ``indexer.influence``
+(VAE-TracIn: each gradient with its own fresh encoder draws, the queries' independent of the
+training gradients'):
 
 * ranks the training digits by TracIn self-influence Σ_c lr_c‖∇ℓ_c(x)‖² (high: atypical digits);
 * finds the strongest proponents (training digits that most lowered a test digit's negative ELBO)
@@ -62,10 +64,13 @@ def plot(path: Path, Xt, Xq, inf, hi_ids, lo_ids, si, k: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=500, help="training digits")
-    ap.add_argument("--epochs", type=int, default=400, help="SGD epochs")
+    ap.add_argument("--epochs", type=int, default=800, help="SGD epochs")
+    ap.add_argument("--latent", type=int, default=16, help="latents d (the paper: 128)")
+    ap.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
+                    help="TracIn's reconstruction term (gaussian: the squared error the paper's code uses)")
     ap.add_argument("--checkpoints", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--samples", type=int, default=64, help="encoder samples averaged in the loss (shared by all examples: more = less common bias)")
+    ap.add_argument("--samples", type=int, default=16, help="fresh encoder samples averaged in each gradient's loss (paper: 16)")
     ap.add_argument("--queries", type=int, default=4, help="held-out test digits to explain")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
@@ -73,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.n, args.epochs, args.checkpoints, args.queries, args.k, args.samples = 120, 20, 2, 2, 3, 8
+        args.n, args.epochs, args.checkpoints, args.queries, args.k, args.samples, args.latent = 120, 20, 2, 2, 3, 8, 4
 
     import torch
 
     from indexer.demo import load_digits_28
     from indexer.influence import self_proponent_rate, vae_tracin
-    from indexer.vae import train_vae
+    from indexer.vae import paper_hidden, train_vae
 
     torch.set_num_threads(1)
     X, y = load_digits_28()
@@ -90,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths = [str(Path(tmp) / f"vae{c}.pt") for c in range(args.checkpoints)]
         t = time.perf_counter()
-        vae = train_vae(Xt, epochs=args.epochs, seed=args.seed, checkpoints=paths, optimizer="sgd", lr=args.lr)
+        vae = train_vae(Xt, epochs=args.epochs, seed=args.seed, checkpoints=paths, optimizer="sgd", lr=args.lr,
+                        hidden=paper_hidden(args.latent), latent=args.latent, beta=4.0, init="kaiming")
         print(f"trained the VAE on {args.n} digits: {args.epochs} SGD epochs, {args.checkpoints} checkpoints "
               f"({time.perf_counter() - t:.0f}s)")
-        tr = vae_tracin(paths, vae.train_lr, n_samples=args.samples, noise_seed=1)
+        tr = vae_tracin(paths, vae.train_lr, n_samples=args.samples, noise_seed=1, query_noise_seed=2,
+                        likelihood=args.likelihood)
         t = time.perf_counter()
         S = tr.gram(Xt)
         si = np.diag(S).copy()
