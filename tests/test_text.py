@@ -397,3 +397,69 @@ def test_query_padding_is_trimmed_only_after_warm_up_proves_it_exact(clf, lm):
     Xq, Yq = lw.text_inputs(["Return the"], [" smallest item"])
     a, b = lw.embed(Xq, Yq), lc.embed(Xq, Yq)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+
+
+def test_token_classification_build_from_word_labels_matches_per_example_loop(clf, tmp_path):
+    """A token-classification index built from JSONL words + per-word labels: each word's label sits on
+    its first sub-token (the tokenizer's word_ids), -100 elsewhere and on words marked -100, and the
+    stored gradients equal Hugging Face's own loss differentiated one example at a time."""
+    import json
+
+    import torch
+
+    from indexer.build import build_index
+    from indexer.config import parse_config
+    from indexer.errors import ConfigError
+    from indexer.query import open_index
+    from indexer.text import import_transformers
+
+    tr = import_transformers()
+    d = tmp_path / "tagger"
+    torch.manual_seed(0)
+    tok = tr.AutoTokenizer.from_pretrained(clf.dir, local_files_only=True)
+    tr.BertForTokenClassification(tr.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                                max_position_embeddings=32)).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    recs = [{"id": "a", "tokens": ["the", "film", "was", "wonderful"], "labels": ["O", "NOUN", "O", "ADJ"]},
+            {"id": "b", "tokens": ["dull"], "labels": ["ADJ"]},
+            {"id": "c", "tokens": ["the", "plot", "was", "dull", "and", "slow"], "labels": [0, 1, -100, 2, 0, 2]}]
+    data = tmp_path / "tags.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    names = ["O", "NOUN", "ADJ"]
+    cfg = {"model": {"name": "tag", "hf_dir": str(d), "hf_kind": "token_classification", "class_names": names,
+                     "text": {"max_length": 8}},
+           "data": {"format": "jsonl", "path": str(data), "id_field": "id"},
+           "index": {"name": "tag", "kernel": "grad_dot", "faiss": "flat"}, "projection": {"kind": "none"},
+           "build": {"chunk_size": 2}}
+    build_index(cfg, tmp_path / "wd", progress=False)
+    idx = open_index(tmp_path / "wd", "tag")
+    V, ids = idx.vectors()
+    eng = idx.embedder().engines[0]
+    hf = eng.model.hf
+    enc = idx.text_encoder()
+    for i, r in enumerate(recs):
+        # the reference alignment, by hand: [CLS] w1 ... wn [SEP], one token per word with this vocabulary
+        lab = [names.index(v) if isinstance(v, str) else v for v in r["labels"]]
+        ids_ = tok(" ".join(r["tokens"]), truncation=True, max_length=8)["input_ids"]
+        y = np.full(8, -100)
+        y[1:len(ids_) - 1] = lab  # every example fits max_length = 8 here
+        x = np.full(8, tok.pad_token_id)
+        x[:len(ids_)] = ids_
+        m = (np.arange(8) < len(ids_)).astype(np.int64)
+        hf.zero_grad()
+        hf(input_ids=torch.as_tensor(x[None]), attention_mask=torch.as_tensor(m[None]),
+           labels=torch.as_tensor(y[None])).loss.backward()
+        P = dict(eng.model.named_parameters())
+        ref = np.concatenate([P[n].grad.reshape(-1).numpy() if P[n].grad is not None else np.zeros(P[n].numel())
+                              for n in eng.param_names])
+        np.testing.assert_allclose(V[list(ids).index(i)], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    assert idx.get_examples([2])[0]["payload"] == "the plot was dull and slow"
+    # Bad rows are named.
+    data.write_text(json.dumps({"tokens": ["a", "b"], "labels": ["O"]}) + "\n")
+    with pytest.raises(ConfigError, match="one label per word"):
+        build_index({**cfg, "index": {**cfg["index"], "name": "tag2"}}, tmp_path / "wd2", progress=False)
+    data.write_text(json.dumps({"tokens": ["the"], "labels": ["VERB"]}) + "\n")
+    with pytest.raises(ConfigError, match="VERB"):
+        build_index({**cfg, "index": {**cfg["index"], "name": "tag3"}}, tmp_path / "wd3", progress=False)
+    assert parse_config(cfg).model["hf_kind"] == "token_classification"
