@@ -455,6 +455,11 @@ def test_token_classification_build_from_word_labels_matches_per_example_loop(cl
                               for n in eng.param_names])
         np.testing.assert_allclose(V[list(ids).index(i)], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
     assert idx.get_examples([2])[0]["payload"] == "the plot was dull and slow"
+    # Query targets predicted at every position (padding included) make the trimmed path differ:
+    # warm-up's check catches it and keeps this index's queries padded.
+    with pytest.warns(RuntimeWarning, match="full max_length"):
+        idx.warm_up()
+    assert not idx._trim_ok
     # Bad rows are named.
     data.write_text(json.dumps({"tokens": ["a", "b"], "labels": ["O"]}) + "\n")
     with pytest.raises(ConfigError, match="one label per word"):
