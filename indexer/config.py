@@ -23,7 +23,8 @@ from indexer.store import IndexSpec
 MODEL_KEYS = {"name", "framework", "entry", "weights", "keras_model", "loss", "task", "params", "class_names",
               "checkpoints", "device", "hf_dir", "hf_kind", "text"}
 DATA_KEYS = {"format", "path", "x", "y", "ids", "labels", "split", "limit", "size", "mode", "layout", "label",
-             "features", "text_field", "label_field", "id_field", "preprocess", "dtype", "scale", "block_size"}
+             "features", "text_field", "label_field", "id_field", "preprocess", "dtype", "scale", "block_size",
+             "tokens_field"}
 INDEX_KEYS = {"name", "kernel", "faiss", "nlist", "nprobe", "pq_m", "pq_bits", "hnsw_m", "ef_construction",
               "ef_search", "mips", "factory", "rerank", "train_sample", "backend", "milvus_uri", "milvus_token_env",
               "milvus_index", "milvus_batch",

@@ -377,8 +377,10 @@ def validate_arrays(ds: ArrayDataset | IterableDataset, chunk_size: int, n_class
                 if Y.dtype.kind == "f" and not np.all(Y == np.round(Y)):
                     raise ConfigError("data.y", "classification labels must be integers.")
                 out = (Y < 0) | (Y >= n_classes)
+                if Y.ndim > 1:  # per-token labels: -100 marks the tokens the loss ignores
+                    out &= Y != -100
                 if out.any():
-                    i = int(np.argmax(out))
+                    i = int(np.argmax(out.reshape(len(Y), -1).any(axis=1)))
                     raise ConfigError("data.y", f"label {Y[i]!r} of example {seen + i} is out of range "
                                                 f"[0, {n_classes}) for a model with {n_classes} outputs.")
             elif Y.dtype.kind == "f" and not np.all(np.isfinite(Y)):

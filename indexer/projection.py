@@ -94,23 +94,33 @@ def ghost_sq_norms(blk: Any) -> np.ndarray | None:
     """Exact ‖Σ_t d_t a_tᵀ‖² per example from a sequence block's factors, Σ_{t,s} (a_t·a_s)(d_t·d_s),
     so a factored or sketched build never forms the (dout × din) gradient just for its norm; None
     where forming it is cheaper (L·(din + dout) ≥ din·dout), for rank-one blocks (handled by
-    ``Block.sq_norms``) and bias-only blocks. An embedding's a_t·a_s is [id_t = id_s]."""
+    ``Block.sq_norms``) and bias-only blocks. An embedding's a_t·a_s is [id_t = id_s].
+
+    L counts only the positions where some example of the chunk has a nonzero output gradient
+    d_t: a term with d_t = 0 is exactly zero, so dropping it changes nothing. That is what makes
+    the ghost form pay on padded text (T = 128 positions, a dozen real tokens: masked padding
+    gets no gradient), where counting every position would form the gradient instead."""
     import torch
 
     if blk.kind != "outer" or not getattr(blk, "has_weight", True) or blk.d.shape[1] == 1:
         return None
     n, L, dout = blk.d.shape
     din = blk.a_shape[2]
-    if L * (din + dout) >= din * dout:
+    if din * dout <= din + dout:
         return None
-    d = torch.from_numpy(np.ascontiguousarray(blk.d, dtype=np.float64))
+    live = np.flatnonzero(np.any(np.asarray(blk.d) != 0, axis=(0, 2)))
+    if len(live) * (din + dout) >= din * dout:
+        return None
+    if len(live) == 0:
+        return np.zeros(n, dtype=np.float64)
+    d = torch.from_numpy(np.ascontiguousarray(np.asarray(blk.d)[:, live], dtype=np.float64))
     dd = torch.bmm(d, d.transpose(1, 2))
     idx = getattr(blk, "idx", None)
     if idx is not None:
-        t = torch.from_numpy(np.asarray(idx))
+        t = torch.from_numpy(np.ascontiguousarray(np.asarray(idx)[:, live]))
         aa = (t[:, :, None] == t[:, None, :]).to(torch.float64)
     else:
-        a = torch.from_numpy(np.ascontiguousarray(blk.a_in, dtype=np.float64))
+        a = torch.from_numpy(np.ascontiguousarray(np.asarray(blk.a_in)[:, live], dtype=np.float64))
         aa = torch.bmm(a, a.transpose(1, 2))
     if getattr(blk, "has_bias", False):
         aa = aa + 1.0
@@ -182,13 +192,18 @@ class Projector:
     """Applies a :class:`ProjectionSpec` to the blocks of a chunk; stateless apart from a matrix cache.
 
     ``cache_bytes``: when the whole dense matrix fits, its row blocks are kept after first use
-    (small models); otherwise they are regenerated per chunk so memory stays bounded.
+    (small models). Otherwise what a chunk needs is kept while it fits the budget: the Kronecker
+    factors and CountSketch hashes of each block, and the slices of dense rows the small blocks
+    (biases, norms, tiny layers) are projected with; each is generated once per projector (once
+    per build) instead of once per chunk. Beyond the budget they are regenerated per chunk, so
+    memory stays bounded. The values are the same either way (slices of the same seeded rows).
     """
 
     spec: ProjectionSpec
     layout: list[BlockInfo]
     cache_bytes: int = 256 << 20
     _cache: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)
+    _cached_bytes: int = field(default=0, repr=False)
 
     @property
     def input_dim(self) -> int:
@@ -199,12 +214,15 @@ class Projector:
         """Dimension of the projected vectors."""
         return self.input_dim if self.spec.kind == "none" else int(self.spec.dim)
 
-    def _cached(self, key: tuple, make) -> np.ndarray:
+    def _cached(self, key: tuple, make, whole: bool = False) -> np.ndarray:
+        """``make()`` once: kept when the whole matrix fits the budget, or (``whole`` False: a
+        factor, hash or row slice, not a full dense row block) while the kept bytes stay within it."""
         M = self._cache.get(key)
         if M is None:
             M = make()
-            if self._fits():
+            if self._fits() or not whole and self._cached_bytes + M.nbytes <= self.cache_bytes:
                 self._cache[key] = M
+                self._cached_bytes += M.nbytes
         return M
 
     def _fits(self) -> bool:
@@ -216,7 +234,13 @@ class Projector:
     def dense_rows(self, j: int) -> np.ndarray:
         """Row block j of the dense matrix P: rows [j·R, (j+1)·R), shape (R, k)."""
         R, k = self.spec.block_rows, self.spec.dim
-        return self._cached(("d", j), lambda: random_matrix(R, k, self.spec.dist, k, self.spec.seed, 0, j))
+        return self._cached(("d", j), lambda: random_matrix(R, k, self.spec.dist, k, self.spec.seed, 0, j), whole=True)
+
+    def row_slice(self, j: int, r0: int, take: int) -> np.ndarray:
+        """Rows [r0, r0 + take) of row block j (a copy, kept by the cache rules above)."""
+        if ("d", j) in self._cache or self._fits() or self.spec.kind == "dense":  # dense: all rows or none kept
+            return self.dense_rows(j)[r0:r0 + take]
+        return self._cached(("s", j, r0, take), lambda: self.dense_rows(j)[r0:r0 + take].copy())
 
     def factors(self, bi: int) -> tuple[np.ndarray, np.ndarray]:
         """(P_out (dout × k_out), P_in (din × k_in)) of layout block ``bi`` for the factored kind."""
@@ -374,7 +398,7 @@ class Projector:
             g = off + pos
             j, r0 = divmod(g, R)
             take = min(R - r0, size - pos)
-            P = torch.from_numpy(self.dense_rows(j))[r0:r0 + take]
+            P = torch.from_numpy(self.row_slice(j, r0, take))
             ot.addmm_(G[:, pos:pos + take], P)
             pos += take
 

@@ -23,6 +23,7 @@ the indexer never reach an engine: they go through the methods here.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
 from pathlib import Path
@@ -160,6 +161,7 @@ class GradIndex:
         self._emb = None
         self._preprocess: Callable[[list[str]], Any] | None = None
         self._text_encoder: Any = None
+        self._trim_ok = False  # query padding trimmed: set by warm_up once it matched the padded path
         self.lock = threading.RLock()  # the one lock: the engines keep per-call hook state
         if load_model:
             self.embedder()
@@ -204,9 +206,42 @@ class GradIndex:
         self.describe()
         if self.text_encoder() is not None:
             # two texts: the engine checks chunks until one of two or more passes (else every 1-text query pays)
-            self.embed(*self.text_inputs(["warm up", "a second one"], [".", "."] if self.is_causal_lm else None))
+            X, Y = self.text_inputs(["warm up", "a second one"], [".", "."] if self.is_causal_lm else None)
+            self.embed(X, Y)
+            self._check_trim(X, Y)
         elif self.input_shape:
             self.embed(np.zeros((1, *self.input_shape), dtype=np.float32))
+
+    def _check_trim(self, X: np.ndarray, Y: np.ndarray | None) -> None:
+        """Turn on query padding trimming (:meth:`indexer.text.TextEncoder.trim_padding`) only after
+        the trimmed path gave the same predicted targets and (to float32 rounding) the same query
+        vectors as the padded one, here, on this model; otherwise queries stay on the padded path
+        and a warning says so. Why check: the cut is exact only for a model whose padded positions
+        are fully masked, which the attention mask promises but a custom model may not keep."""
+        enc = self.text_encoder()
+        Xt, Yt = enc.trim_padding(X, Y)
+        if Xt.shape == np.asarray(X).shape:
+            return
+        emb = self.embedder()
+        with self.lock:
+            Yf = emb.resolve_targets(X, Y)
+            Ytr = emb.resolve_targets(Xt, Yt)
+            Vf = emb.query_vectors(X, Yf)
+            Vt = emb.query_vectors(Xt, Yt if Yt is not None else Ytr)
+        same_y = Yf is None or np.array_equal(np.asarray(Yf)[..., :np.shape(Ytr)[-1]] if np.ndim(Yf) == 2 else Yf, Ytr)
+        tol = 1e-5 * max(float(np.abs(Vf).max()), 1e-30)
+        if same_y and np.allclose(Vt, Vf, rtol=1e-4, atol=tol):
+            self._trim_ok = True
+        else:
+            warnings.warn(f"index {self.name!r}: query vectors of padding-trimmed texts differ from the padded ones "
+                          "(the model does not mask its padding fully): queries run at the full max_length.",
+                          RuntimeWarning, stacklevel=2)
+
+    def _trimmed(self, X: Any, Y: Any = None) -> tuple[Any, Any]:
+        """(X, Y) with the text padding no example uses cut off, once :meth:`warm_up` proved it exact."""
+        if not self._trim_ok or not isinstance(X, np.ndarray) or X.dtype.kind not in "iu":
+            return X, Y
+        return self.text_encoder().trim_padding(X, Y)
 
     def model(self) -> Any:
         """The served model object (last checkpoint), for explainers; run it under :attr:`lock`."""
@@ -274,6 +309,7 @@ class GradIndex:
         if self.task != "classification":
             return None
         emb = self.embedder()
+        X, _ = self._trimmed(np.asarray(X))
         with self.lock:
             return emb.resolve_targets(X)
 
@@ -311,6 +347,7 @@ class GradIndex:
                 if unknown:
                     raise InvalidArgument(f"unknown class labels {unknown[:5]}: use one of {cn}.")
                 Y = np.asarray([cn.index(v) for v in Y.tolist()], dtype=np.int64)
+        X, Y = self._trimmed(X, Y)
         with self.lock:
             try:
                 return emb.query_vectors(X, Y)  # a query needs its vector only, no gradient norms

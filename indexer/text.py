@@ -240,6 +240,31 @@ class TextEncoder:
                            return_tensors="np")
         return self._pack(enc, len(texts))
 
+    def trim_padding(self, X: np.ndarray, Y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(X, Y) cut after the batch's last position that counts: the last attention-mask 1 of any
+        row, and for per-token targets (token classification, causal LM) the last label that is not
+        -100. Why: a query of 8 tokens padded to T = 128 costs the model, its backward pass and
+        the projection 16x the work; the cut positions are masked keys (zero attention weight),
+        right of every real token, with no label, so they contribute exactly zero to the loss and
+        to every parameter's gradient. The stored and sent arrays keep their ``max_length``
+        contract; this is a query-time shortcut that :meth:`indexer.query.GradIndex.warm_up` checks
+        against the padded path before it is used. Unchanged (no cut) when the inputs have no
+        attention mask or the padding is not on the right."""
+        X = np.asarray(X)
+        if "attention_mask" not in self.spec.inputs or self.spec.padding_side != "right" or X.ndim != 3:
+            return X, Y
+        T = X.shape[2]
+        mask = X[:, self.spec.inputs.index("attention_mask")] != 0
+        cols = mask.any(axis=0)
+        if Y is not None and np.ndim(Y) == 2 and np.shape(Y)[1] == T:
+            cols = cols | (np.asarray(Y) != IGNORE).any(axis=0)
+        L = int(np.flatnonzero(cols)[-1]) + 1 if cols.any() else 1
+        if L >= T:
+            return X, Y
+        if Y is not None and np.ndim(Y) == 2 and np.shape(Y)[1] == T:
+            Y = np.ascontiguousarray(np.asarray(Y)[:, :L])
+        return np.ascontiguousarray(X[:, :, :L]), Y
+
     def decode(self, X: np.ndarray) -> list[str]:
         """The text of packed inputs (padding dropped)."""
         ids, mask = X[:, 0], X[:, 1] if "attention_mask" in self.spec.inputs else None

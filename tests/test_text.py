@@ -293,3 +293,178 @@ def test_ghost_norms_of_sequence_blocks_equal_formed_gradients():
     # Where forming is cheaper (short sequences of narrow layers) it declines.
     assert ghost_sq_norms(Block("s", "outer", [("w", 4)], a_in=np.ones((1, 8, 2), np.float32),
                                 d=np.ones((1, 8, 2), np.float32))) is None
+
+
+def test_ghost_norms_skip_positions_without_gradient():
+    """Masked padding has zero output gradients: those positions are dropped, so a padded sequence
+    of a few real tokens takes the ghost form (the gradient is not formed) and still equals the
+    formed gradient's norm."""
+    from indexer.engine.base import Block
+    from indexer.projection import ghost_sq_norms
+
+    rng = np.random.default_rng(1)
+    n, L, din, dout = 4, 64, 12, 10
+    d = rng.normal(size=(n, L, dout)).astype(np.float32)
+    d[:, 5:] = 0.0  # padding
+    d[0, 2] = 0.0  # a zero row inside the real tokens counts as nothing either
+    blk = Block("lin", "outer", [("w", dout * din), ("b", dout)], a_in=rng.normal(size=(n, L, din)).astype(np.float32),
+                d=d, has_bias=True)
+    g = ghost_sq_norms(blk)
+    assert g is not None  # 64 positions would have formed it (64·23 >= 13·10); 5 live ones do not
+    m = blk.materialize().astype(np.float64)
+    np.testing.assert_allclose(g, np.einsum("ij,ij->i", m, m), rtol=1e-5)
+    blk0 = Block("z", "outer", [("w", dout * din)], a_in=np.ones((2, L, din), np.float32),
+                 d=np.zeros((2, L, dout), np.float32))
+    np.testing.assert_array_equal(ghost_sq_norms(blk0), [0.0, 0.0])
+
+
+def test_projector_keeps_small_block_rows_and_factors_bit_identical(monkeypatch):
+    """A factored projector whose whole dense matrix does not fit its cache keeps each block's
+    factors and the dense-row slices of its small blocks after the first chunk (generated once per
+    build, not per chunk), with bit-identical projections to a projector that keeps everything and
+    to one that keeps nothing."""
+    import indexer.projection as proj
+    from indexer.engine.base import Block
+
+    rng = np.random.default_rng(2)
+    n, L = 3, 6
+
+    def chunk():
+        big = Block("big", "outer", [("w", 48 * 40), ("b", 48)], a_in=rng.normal(size=(n, L, 40)).astype(np.float32),
+                    d=rng.normal(size=(n, L, 48)).astype(np.float32), has_bias=True)
+        norm = Block("norm", "full", [("nw", 40), ("nb", 40)], full=rng.normal(size=(n, 80)).astype(np.float32))
+        small = Block("small", "outer", [("s", 3 * 5)], a_in=rng.normal(size=(n, L, 5)).astype(np.float32),
+                      d=rng.normal(size=(n, L, 3)).astype(np.float32))
+        return [big, norm, small]
+
+    blocks = chunk()
+    offs = {"w": 0, "b": 1920, "nw": 1968, "nb": 2008, "s": 2048}
+    layout = proj.layout_of(blocks, offs)
+    spec = proj.ProjectionSpec(kind="factored", dim=64, block_rows=512)
+    everything = proj.Projector(spec, layout, cache_bytes=1 << 30)
+    nothing = proj.Projector(spec, layout, cache_bytes=0)
+    budget = proj.Projector(spec, layout, cache_bytes=200_000)  # < the dense matrix (2063 x 64 x 4 bytes)
+    assert everything._fits() and not budget._fits()
+    calls = []
+    real = proj.random_matrix
+    monkeypatch.setattr(proj, "random_matrix", lambda *a: calls.append(a) or real(*a))
+    ref = everything.project(blocks)
+    np.testing.assert_array_equal(nothing.project(blocks), ref)
+    np.testing.assert_array_equal(budget.project(blocks), ref)
+    calls.clear()
+    blocks2 = chunk()
+    np.testing.assert_array_equal(budget.project(blocks2), everything.project(blocks2))
+    assert calls == []  # the second chunk regenerated nothing
+    assert nothing.project(blocks2) is not None and calls  # without a budget they are regenerated
+
+
+def test_query_padding_is_trimmed_only_after_warm_up_proves_it_exact(clf, lm):
+    """A served query runs the model at its texts' real length, not max_length, once warm_up found
+    the trimmed and the padded paths equal; its vectors equal the padded path's (classifier and
+    causal LM with a completion), and the cut keeps every position a label uses."""
+    from indexer.query import open_index
+    from indexer.text import IGNORE
+
+    texts = ["the film was really wonderful", "dull", "the plot the acting and the ending were all superb"]
+    cold = open_index(clf.wd, "clf")
+    warm = open_index(clf.wd, "clf")
+    warm.warm_up()
+    assert warm._trim_ok and not cold._trim_ok
+    X, _ = warm.text_inputs(texts)
+    Xt, _ = warm._trimmed(X)
+    T = X.shape[2]
+    assert Xt.shape[2] < T and Xt.shape[2] == int(X[:, 1].sum(1).max())
+    np.testing.assert_array_equal(warm.predict_targets(X), cold.predict_targets(X))
+    for batch in (texts, texts[1:2]):
+        a, b = warm.embed(batch), cold.embed(batch)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+    # Per-token labels past the attention mask keep their positions.
+    enc = warm.text_encoder()
+    Y = np.full((1, T), IGNORE)
+    Y[0, T - 2] = 3
+    Xc, Yc = enc.trim_padding(X[1:2], Y)
+    assert Xc.shape[2] == T - 1 and Yc.shape == (1, T - 1) and Yc[0, -1] == 3
+    # Without an attention mask nothing is cut.
+    from dataclasses import replace
+
+    enc2 = type(enc).__new__(type(enc))
+    enc2.__dict__.update(enc.__dict__, spec=replace(enc.spec, inputs=("input_ids",)))
+    assert enc2.trim_padding(X[:, :1])[0].shape == X[:, :1].shape
+    # Causal LM: prompt + completion, only the completion's tokens count.
+    lw, lc = open_index(lm.wd, "lm"), open_index(lm.wd, "lm")
+    lw.warm_up()
+    assert lw._trim_ok
+    Xq, Yq = lw.text_inputs(["Return the"], [" smallest item"])
+    a, b = lw.embed(Xq, Yq), lc.embed(Xq, Yq)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+
+
+def test_token_classification_build_from_word_labels_matches_per_example_loop(clf, tmp_path):
+    """A token-classification index built from JSONL words + per-word labels: each word's label sits on
+    its first sub-token (the tokenizer's word_ids), -100 elsewhere and on words marked -100, and the
+    stored gradients equal Hugging Face's own loss differentiated one example at a time."""
+    import json
+
+    import torch
+
+    from indexer.build import build_index
+    from indexer.config import parse_config
+    from indexer.errors import ConfigError
+    from indexer.query import open_index
+    from indexer.text import import_transformers
+
+    tr = import_transformers()
+    d = tmp_path / "tagger"
+    torch.manual_seed(0)
+    tok = tr.AutoTokenizer.from_pretrained(clf.dir, local_files_only=True)
+    tr.BertForTokenClassification(tr.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                                max_position_embeddings=32)).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    recs = [{"id": "a", "tokens": ["the", "film", "was", "wonderful"], "labels": ["O", "NOUN", "O", "ADJ"]},
+            {"id": "b", "tokens": ["dull"], "labels": ["ADJ"]},
+            {"id": "c", "tokens": ["the", "plot", "was", "dull", "and", "slow"], "labels": [0, 1, -100, 2, 0, 2]}]
+    data = tmp_path / "tags.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    names = ["O", "NOUN", "ADJ"]
+    cfg = {"model": {"name": "tag", "hf_dir": str(d), "hf_kind": "token_classification", "class_names": names,
+                     "text": {"max_length": 8}},
+           "data": {"format": "jsonl", "path": str(data), "id_field": "id"},
+           "index": {"name": "tag", "kernel": "grad_dot", "faiss": "flat"}, "projection": {"kind": "none"},
+           "build": {"chunk_size": 2}}
+    build_index(cfg, tmp_path / "wd", progress=False)
+    idx = open_index(tmp_path / "wd", "tag")
+    V, ids = idx.vectors()
+    eng = idx.embedder().engines[0]
+    hf = eng.model.hf
+    enc = idx.text_encoder()
+    for i, r in enumerate(recs):
+        # the reference alignment, by hand: [CLS] w1 ... wn [SEP], one token per word with this vocabulary
+        lab = [names.index(v) if isinstance(v, str) else v for v in r["labels"]]
+        ids_ = tok(" ".join(r["tokens"]), truncation=True, max_length=8)["input_ids"]
+        y = np.full(8, -100)
+        y[1:len(ids_) - 1] = lab  # every example fits max_length = 8 here
+        x = np.full(8, tok.pad_token_id)
+        x[:len(ids_)] = ids_
+        m = (np.arange(8) < len(ids_)).astype(np.int64)
+        hf.zero_grad()
+        hf(input_ids=torch.as_tensor(x[None]), attention_mask=torch.as_tensor(m[None]),
+           labels=torch.as_tensor(y[None])).loss.backward()
+        P = dict(eng.model.named_parameters())
+        ref = np.concatenate([P[n].grad.reshape(-1).numpy() if P[n].grad is not None else np.zeros(P[n].numel())
+                              for n in eng.param_names])
+        np.testing.assert_allclose(V[list(ids).index(i)], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    assert idx.get_examples([2])[0]["payload"] == "the plot was dull and slow"
+    # Query targets predicted at every position (padding included) make the trimmed path differ:
+    # warm-up's check catches it and keeps this index's queries padded.
+    with pytest.warns(RuntimeWarning, match="full max_length"):
+        idx.warm_up()
+    assert not idx._trim_ok
+    # Bad rows are named.
+    data.write_text(json.dumps({"tokens": ["a", "b"], "labels": ["O"]}) + "\n")
+    with pytest.raises(ConfigError, match="one label per word"):
+        build_index({**cfg, "index": {**cfg["index"], "name": "tag2"}}, tmp_path / "wd2", progress=False)
+    data.write_text(json.dumps({"tokens": ["the"], "labels": ["VERB"]}) + "\n")
+    with pytest.raises(ConfigError, match="VERB"):
+        build_index({**cfg, "index": {**cfg["index"], "name": "tag3"}}, tmp_path / "wd3", progress=False)
+    assert parse_config(cfg).model["hf_kind"] == "token_classification"

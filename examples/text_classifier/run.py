@@ -16,12 +16,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the example; returns {"targets", "anchor", "precision", "coverage"} (the tests check them)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/gradindex-text")
     ap.add_argument("--quick", action="store_true", help="fewer sentences and a shorter max_length")
     ap.add_argument("--k", type=int, default=3)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
@@ -60,9 +61,14 @@ def main() -> None:
                 print(f"  {title}:")
                 for s, lab, t in zip(hits.scores[q], hits.labels[q], hits.texts[q]):
                     print(f"    {s:+.4f}  [{names[lab]}]  {t}")
-        a = c.stub.ExplainAnchors(pb.ExplainAnchorsRequest(model="sentiment", kind="text", text=queries[0]))
-        print(f"\nAnchorText on the served model for {queries[0]!r}: anchor {list(a.anchor)} "
-              f"(precision {a.precision:.2f}, coverage {a.coverage:.2f})")
+        # The negative review: AnchorText perturbs by replacing words with [UNK], and this model calls
+        # a sentence of [UNK]s positive, so a positive prediction needs no word (an empty anchor, the
+        # prediction holds whatever is dropped) while a negative one hinges on its negative words.
+        a = c.stub.ExplainAnchors(pb.ExplainAnchorsRequest(model="sentiment", kind="text", text=queries[1]))
+        print(f"\nAnchorText on the served model for {queries[1]!r} (predicted {names[int(res.targets[1])]}): "
+              f"anchor {list(a.anchor)} (precision {a.precision:.2f}, coverage {a.coverage:.2f})")
+        return {"targets": [int(t) for t in res.targets], "anchor": list(a.anchor), "precision": a.precision,
+                "coverage": a.coverage}
     finally:
         srv.stop(0)
 

@@ -462,7 +462,10 @@ class TorchEngine(GradientEngine):
             if getattr(mod, "bias", None) is not None:
                 sub["bias"] = torch.zeros_like(mod.bias)
             with torch.no_grad():
-                u = torch.func.functional_call(mod, sub, (c.inp,))
+                if type(mod) is nn.LayerNorm:  # the same u without functional_call's per-call reparametrization
+                    u = F.layer_norm(c.inp, mod.normalized_shape, sub["weight"], sub.get("bias"), mod.eps)
+                else:
+                    u = torch.func.functional_call(mod, sub, (c.inp,))
             if c.mode == "expand":
                 u = u.expand(n, *u.shape[1:])
             size = int(np.prod(wshape))
