@@ -58,8 +58,17 @@ def write_shard(path: Path, **arrays: Any) -> None:
 
 
 def compute_chunk(emb: Embedder, batch: Batch, c: int, start: int, chunk_dir: Path) -> Path:
-    """Embed one chunk and write its shard (vectors + metadata). Pure function of the chunk's data."""
-    S, selfinf, gnorm = emb.train_vectors(batch.X, batch.Y)
+    """Embed one chunk and write its shard (vectors + metadata). Pure function of the chunk's data.
+
+    With ``emb.keep_factors`` (``index.exact_rerank``) the shard also keeps the examples' exact compact
+    gradients, from the same gradient pass."""
+    sink = None
+    if emb.keep_factors:
+        from indexer.vectorstore.factors import FactorSink
+
+        sink = FactorSink()
+    S, selfinf, gnorm = emb.train_vectors(batch.X, batch.Y, sink=sink)
+    extra = {} if sink is None else {"factors": sink.records()}
     n = len(S)
     labels = np.asarray(["" if batch.Y is None else str(v) for v in (batch.Y if batch.Y is not None else [None] * n)])
     path = shard_path(chunk_dir, c)
@@ -68,7 +77,7 @@ def compute_chunk(emb: Embedder, batch: Batch, c: int, start: int, chunk_dir: Pa
                 has_labels=np.asarray(batch.Y is not None),
                 ids=np.asarray(batch.ids if batch.ids is not None else [str(start + i) for i in range(n)]),
                 refs=np.asarray([r or "" for r in (batch.payload_refs or [None] * n)]),
-                split=np.asarray(batch.split or ""), source=np.asarray(batch.source or ""))
+                split=np.asarray(batch.split or ""), source=np.asarray(batch.source or ""), **extra)
     return path
 
 
