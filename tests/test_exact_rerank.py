@@ -191,3 +191,57 @@ def test_bad_exact_rerank_settings_are_refused(tmp_path):
             idx.store.search(Q, 3, exact=ExactQueries.of(np.zeros(1, [("sq", "<f8")])))
     finally:
         idx.close()
+
+
+def test_transformer_exact_rerank_through_a_server_equals_gradient_similarity(tmp_path):
+    """A tiny random-init-then-trained BERT classifier (sequence blocks: token embeddings as ids + output
+    gradients, attention/MLP layers as L factor pairs or rows), TensorSketch k=64, exact re-ranking."""
+    from explainers.similarity import GradientSimilarity
+    from indexer.engine.losses import sequence_classification_loss
+    from indexer.text_demo import make_classifier_dir
+    from server.app import GradIndexServer
+    from server.client import GradIndexClient
+    from server.config import ServerConfig
+
+    torch.set_num_threads(1)
+    info = make_classifier_dir(tmp_path / "model", n_train=60, epochs=2, hidden=16, layers=1, max_length=16)
+    n, r = len(info["texts"]), 40
+    cfg = {"model": {"name": "clf", "hf_dir": info["dir"], "hf_kind": "sequence_classification",
+                     "class_names": ["negative", "positive"], "text": {"max_length": 16}},
+           "data": {"format": "jsonl", "path": info["dir"] + "/train.jsonl", "id_field": "id"},
+           "index": {"name": "clf", "kernel": "grad_dot", **RERANK, "rerank": r},
+           "projection": {"kind": "sketch", "dim": 64}, "build": {"chunk_size": 32}}
+    build_index(cfg, tmp_path / "wd", progress=False)
+    queries = ["the film was really wonderful", "the plot was dull in every scene", "a fine cast and a great story",
+               "boring and far too long"]
+    srv = GradIndexServer(ServerConfig(workdir=str(tmp_path / "wd"), indexes=["clf"], port=0,
+                                       log_level="WARNING")).start()
+    try:
+        with GradIndexClient(f"127.0.0.1:{srv.port}", timeout=120) as c:
+            got = c.find_similar("clf", texts=queries, k=K)
+    finally:
+        srv.stop(0)
+    assert got.exact_scores
+    idx = open_index(tmp_path / "wd", "clf")
+    try:
+        X, _ = idx.text_inputs(queries)
+        Xtr, _ = idx.text_inputs(info["texts"])
+        Q = idx.embed(X, got.targets)
+        cand = idx.store.candidates(Q, r)
+        projected = idx.search(Q, K)
+        gs = GradientSimilarity(idx.model(), sequence_classification_loss(), sim_fn="grad_dot", backend="pytorch",
+                                precompute_grads=True).fit(Xtr, np.asarray(info["labels"]))
+        e = gs.explain(X, got.targets)
+    finally:
+        idx.close()
+    S = np.empty_like(e.data["scores"])
+    np.put_along_axis(S, e.data["ordered_indices"], e.data["scores"], 1)
+    covered = 0
+    for i in range(len(queries)):
+        np.testing.assert_allclose(got.scores[i], S[i, got.ids[i]], rtol=1e-4, atol=1e-6)
+        true = e.data["ordered_indices"][i, :K]
+        if np.isin(true, cand[i]).all():  # the generated sentences have near-duplicate gradients: ties
+            covered += 1                    # within float error, so the top-10 is compared by its scores
+            np.testing.assert_allclose(got.scores[i], e.data["scores"][i, :K], rtol=1e-4, atol=1e-6)
+    assert covered >= len(queries) // 2
+    assert np.abs(projected.scores - np.take_along_axis(S, projected.ids, 1)).max() > 1e-3  # projection alone differs
