@@ -32,7 +32,7 @@ import numpy as np
 from sqlalchemy import delete, func, select
 
 from indexer.catalog import Build, BuildChunk, Catalog, Checkpoint, Example, IndexRow, Model
-from indexer.chunks import commit_chunk, compute_chunk, iter_shards, progress, set_threads
+from indexer.chunks import commit_chunk, compute_chunk, iter_factor_shards, iter_shards, progress, set_threads
 from indexer.config import BuildConfig, parse_config
 from indexer.data import ArrayDataset, IterableDataset, validate_arrays
 from indexer.text_data import open_build_dataset
@@ -280,7 +280,7 @@ def _finalize(cfg: BuildConfig, cat: Catalog, index_id: int, build_id: int, chun
         name, version, kernel, dim = row.name, row.version, row.kernel, row.dim
     spec = IndexSpec.from_dict(cfg.faiss.to_dict())
     if vectorstore.handles(spec):  # vectorstore hook: two-stage FAISS / Milvus stores stream the shards
-        factors = (lambda: vectorstore.iter_factor_shards(chunk_dir, chunks)) if spec.exact_rerank else None
+        factors = (lambda: iter_factor_shards(chunk_dir, chunks)) if spec.exact_rerank else None
         rel, recall, spec = vectorstore.build_store(spec, kernel, dim, n, lambda: iter_shards(chunk_dir, chunks),
                                                     cat.workdir, name, version, cfg.build.get("recall_sample", 200),
                                                     factor_shards=factors)

@@ -114,6 +114,19 @@ def iter_shards(chunk_dir: Path, chunks: Sequence[int]) -> Iterable[tuple[np.nda
         yield z["vectors"], z["row_ids"]
 
 
+def iter_factor_shards(chunk_dir: Path, chunks: Sequence[int]) -> Iterable[np.ndarray]:
+    """The exact gradient factor records of each committed shard (``index.exact_rerank``), in chunk order;
+    a clear error for a shard computed without them."""
+    from indexer.errors import FailedPrecondition
+
+    for c in chunks:
+        z = np.load(shard_path(chunk_dir, c))
+        if "factors" not in z.files:
+            raise FailedPrecondition(f"chunk {c} of the build has no exact gradient factors (computed without "
+                                     "index.exact_rerank): rebuild with --replace.")
+        yield z["factors"]
+
+
 def progress(total: int | None, initial: int, enabled: bool, desc: str) -> Any:
     """A tqdm bar counting examples (``enabled=False``: a silent one)."""
     from tqdm import tqdm
@@ -121,4 +134,5 @@ def progress(total: int | None, initial: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, initial=initial, unit="ex", desc=desc, disable=not enabled, smoothing=0.1)
 
 
-__all__ = ["set_threads", "shard_path", "write_shard", "compute_chunk", "commit_chunk", "iter_shards", "progress"]
+__all__ = ["set_threads", "shard_path", "write_shard", "compute_chunk", "commit_chunk", "iter_shards", "iter_factor_shards",
+           "progress"]

@@ -174,7 +174,8 @@ class GradIndex:
         the exact factors, or stored without projection in an exact store (flat, or two-stage re-scoring)."""
         if reranked and self.exact_rerank:
             return True
-        unprojected = (self._row.projection or {}).get("kind", "none") == "none" and len(self._row.model.checkpoints) <= 1
+        proj = (self._row.projection or {}).get("kind", "none")
+        unprojected = proj == "none" and len(self._row.model.checkpoints) <= 1
         return unprojected and (self.exact or isinstance(self.store, vectorstore.TwoStageStore))
 
     @property

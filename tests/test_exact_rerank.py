@@ -205,7 +205,7 @@ def test_transformer_exact_rerank_through_a_server_equals_gradient_similarity(tm
 
     torch.set_num_threads(1)
     info = make_classifier_dir(tmp_path / "model", n_train=60, epochs=2, hidden=16, layers=1, max_length=16)
-    n, r = len(info["texts"]), 40
+    r = 40  # candidates of the 60 training texts
     cfg = {"model": {"name": "clf", "hf_dir": info["dir"], "hf_kind": "sequence_classification",
                      "class_names": ["negative", "positive"], "text": {"max_length": 16}},
            "data": {"format": "jsonl", "path": info["dir"] + "/train.jsonl", "id_field": "id"},

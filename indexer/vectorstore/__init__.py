@@ -29,7 +29,7 @@ from indexer.errors import FailedPrecondition
 from indexer.store import IndexSpec
 from indexer.vectorstore.base import SearchBackend, ShardSource, exact_topk, max_norm, sample_rows
 from indexer.build_lock import BuildLocked, build_lock
-from indexer.vectorstore.factors import ExactQueries, FactorSink, iter_factor_shards, write_factors
+from indexer.vectorstore.factors import ExactQueries, FactorSink, write_factors
 from indexer.vectorstore.twostage import TwoStageStore, TwoStageWriter
 
 
@@ -119,7 +119,7 @@ def open_store(path: str | os.PathLike, spec: IndexSpec | dict[str, Any], kernel
 
 
 __all__ = ["handles", "build_store", "open_store", "drop_store", "build_lock", "BuildLocked", "TwoStageStore",
-           "TwoStageWriter", "ExactQueries", "FactorSink", "iter_factor_shards",
+           "TwoStageWriter", "ExactQueries", "FactorSink",
            "SearchBackend"]
 
 

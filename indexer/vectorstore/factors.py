@@ -41,7 +41,6 @@ from indexer.kernels import query_scale, train_scale
 
 FACTORS_FILE = "factors.json"
 RECORDS_FILE = "factors.bin"
-SHARD_KEY = "factors"  # the records' member in a build chunk's shard
 
 
 def layout_of_dtype(dtype: np.dtype) -> _Layout:
@@ -225,18 +224,6 @@ def write_factors(directory: str | os.PathLike, shards: Callable[[], Iterable[np
         raise
 
 
-def iter_factor_shards(chunk_dir: Path, chunks: Sequence[int]) -> Iterable[np.ndarray]:
-    """The factor records of each committed shard, in chunk order; a clear error for a shard without them."""
-    from indexer.chunks import shard_path
-
-    for c in chunks:
-        z = np.load(shard_path(chunk_dir, c))
-        if SHARD_KEY not in z.files:
-            raise FailedPrecondition(f"chunk {c} of the build has no exact gradient factors (computed without "
-                                     "index.exact_rerank): rebuild with --replace.")
-        yield z[SHARD_KEY]
-
-
 class FactorStore:
     """Reads candidates' records with ``pread`` and scores them exactly against query records."""
 
@@ -284,5 +271,5 @@ class FactorStore:
 
 
 __all__ = ["FactorSink", "FactorStore", "FactorWriter", "ExactQueries", "exact_scores", "write_factors",
-           "iter_factor_shards", "record_dtype", "to_records", "from_records", "layout_of_dtype",
-           "FACTORS_FILE", "RECORDS_FILE", "SHARD_KEY"]
+           "record_dtype", "to_records", "from_records", "layout_of_dtype",
+           "FACTORS_FILE", "RECORDS_FILE"]
