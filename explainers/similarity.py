@@ -99,6 +99,15 @@ class _GradStore:
         self.D = [np.empty((n, L, dd), dtype=dtype) for L, _, dd in layout.factor_dims]
         self.sq = np.zeros(n, dtype=np.float64)
 
+    @classmethod
+    def from_arrays(cls, layout: _Layout, full: np.ndarray, A: list[np.ndarray], D: list[np.ndarray],
+                    sq: np.ndarray) -> "_GradStore":
+        """A store over arrays that already hold the compact form (e.g. rows read back from disk by
+        :mod:`indexer.vectorstore.factors`); nothing is copied."""
+        self = cls.__new__(cls)
+        self.layout, self.full, self.A, self.D, self.sq = layout, full, list(A), list(D), sq
+        return self
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the stored gradients."""

@@ -32,7 +32,7 @@ import numpy as np
 from sqlalchemy import delete, func, select
 
 from indexer.catalog import Build, BuildChunk, Catalog, Checkpoint, Example, IndexRow, Model
-from indexer.chunks import commit_chunk, compute_chunk, iter_shards, progress, set_threads
+from indexer.chunks import commit_chunk, compute_chunk, iter_factor_shards, iter_shards, progress, set_threads
 from indexer.config import BuildConfig, parse_config
 from indexer.data import ArrayDataset, IterableDataset, validate_arrays
 from indexer.text_data import open_build_dataset
@@ -64,10 +64,13 @@ class BuildResult:
 
 def _config_key(cfg: BuildConfig, fingerprint: str) -> dict[str, Any]:
     """What must be identical for a resume to continue an interrupted build."""
-    return {"projection": cfg.projection.to_dict(), "kernel": cfg.kernel, "faiss": cfg.faiss.kind,
-            "chunk_size": cfg.build["chunk_size"], "data": {k: cfg.data.get(k) for k in sorted(cfg.data)},
-            "params": cfg.model.get("params"), "loss": cfg.model["loss"], "fingerprint": fingerprint,
-            "checkpoints": cfg.checkpoints}
+    key = {"projection": cfg.projection.to_dict(), "kernel": cfg.kernel, "faiss": cfg.faiss.kind,
+           "chunk_size": cfg.build["chunk_size"], "data": {k: cfg.data.get(k) for k in sorted(cfg.data)},
+           "params": cfg.model.get("params"), "loss": cfg.model["loss"], "fingerprint": fingerprint,
+           "checkpoints": cfg.checkpoints}
+    if cfg.faiss.exact_rerank:  # the shards then hold the exact gradient factors too
+        key["exact_rerank"] = True
+    return key
 
 
 def build_index(config: str | Path | dict[str, Any] | BuildConfig, workdir: str | Path,
@@ -277,8 +280,10 @@ def _finalize(cfg: BuildConfig, cat: Catalog, index_id: int, build_id: int, chun
         name, version, kernel, dim = row.name, row.version, row.kernel, row.dim
     spec = IndexSpec.from_dict(cfg.faiss.to_dict())
     if vectorstore.handles(spec):  # vectorstore hook: two-stage FAISS / Milvus stores stream the shards
+        factors = (lambda: iter_factor_shards(chunk_dir, chunks)) if spec.exact_rerank else None
         rel, recall, spec = vectorstore.build_store(spec, kernel, dim, n, lambda: iter_shards(chunk_dir, chunks),
-                                                    cat.workdir, name, version, cfg.build.get("recall_sample", 200))
+                                                    cat.workdir, name, version, cfg.build.get("recall_sample", 200),
+                                                    factor_shards=factors)
     else:
         rel, recall = _build_faiss_file(cfg, cat, spec, kernel, dim, n, chunk_dir, chunks, name, version)
     old_dirs = []

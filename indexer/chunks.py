@@ -58,8 +58,17 @@ def write_shard(path: Path, **arrays: Any) -> None:
 
 
 def compute_chunk(emb: Embedder, batch: Batch, c: int, start: int, chunk_dir: Path) -> Path:
-    """Embed one chunk and write its shard (vectors + metadata). Pure function of the chunk's data."""
-    S, selfinf, gnorm = emb.train_vectors(batch.X, batch.Y)
+    """Embed one chunk and write its shard (vectors + metadata). Pure function of the chunk's data.
+
+    With ``emb.keep_factors`` (``index.exact_rerank``) the shard also keeps the examples' exact compact
+    gradients, from the same gradient pass."""
+    sink = None
+    if emb.keep_factors:
+        from indexer.vectorstore.factors import FactorSink
+
+        sink = FactorSink()
+    S, selfinf, gnorm = emb.train_vectors(batch.X, batch.Y, sink=sink)
+    extra = {} if sink is None else {"factors": sink.records()}
     n = len(S)
     labels = np.asarray(["" if batch.Y is None else str(v) for v in (batch.Y if batch.Y is not None else [None] * n)])
     path = shard_path(chunk_dir, c)
@@ -68,7 +77,7 @@ def compute_chunk(emb: Embedder, batch: Batch, c: int, start: int, chunk_dir: Pa
                 has_labels=np.asarray(batch.Y is not None),
                 ids=np.asarray(batch.ids if batch.ids is not None else [str(start + i) for i in range(n)]),
                 refs=np.asarray([r or "" for r in (batch.payload_refs or [None] * n)]),
-                split=np.asarray(batch.split or ""), source=np.asarray(batch.source or ""))
+                split=np.asarray(batch.split or ""), source=np.asarray(batch.source or ""), **extra)
     return path
 
 
@@ -105,6 +114,19 @@ def iter_shards(chunk_dir: Path, chunks: Sequence[int]) -> Iterable[tuple[np.nda
         yield z["vectors"], z["row_ids"]
 
 
+def iter_factor_shards(chunk_dir: Path, chunks: Sequence[int]) -> Iterable[np.ndarray]:
+    """The exact gradient factor records of each committed shard (``index.exact_rerank``), in chunk order;
+    a clear error for a shard computed without them."""
+    from indexer.errors import FailedPrecondition
+
+    for c in chunks:
+        z = np.load(shard_path(chunk_dir, c))
+        if "factors" not in z.files:
+            raise FailedPrecondition(f"chunk {c} of the build has no exact gradient factors (computed without "
+                                     "index.exact_rerank): rebuild with --replace.")
+        yield z["factors"]
+
+
 def progress(total: int | None, initial: int, enabled: bool, desc: str) -> Any:
     """A tqdm bar counting examples (``enabled=False``: a silent one)."""
     from tqdm import tqdm
@@ -112,4 +134,5 @@ def progress(total: int | None, initial: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, initial=initial, unit="ex", desc=desc, disable=not enabled, smoothing=0.1)
 
 
-__all__ = ["set_threads", "shard_path", "write_shard", "compute_chunk", "commit_chunk", "iter_shards", "progress"]
+__all__ = ["set_threads", "shard_path", "write_shard", "compute_chunk", "commit_chunk", "iter_shards", "iter_factor_shards",
+           "progress"]

@@ -27,7 +27,7 @@ DATA_KEYS = {"format", "path", "x", "y", "ids", "labels", "split", "limit", "siz
              "tokens_field"}
 INDEX_KEYS = {"name", "kernel", "faiss", "nlist", "nprobe", "pq_m", "pq_bits", "hnsw_m", "ef_construction",
               "ef_search", "mips", "factory", "rerank", "train_sample", "backend", "milvus_uri", "milvus_token_env",
-              "milvus_index", "milvus_batch",
+              "milvus_index", "milvus_batch", "exact_rerank",
               "catalog_url", "catalog_url_env"}
 PROJ_KEYS = {"kind", "dim", "dist", "seed", "block_rows"}
 BUILD_KEYS = {"chunk_size", "threads", "recall_sample", "keep_shards"}
@@ -251,6 +251,9 @@ def parse_config(source: str | Path | dict[str, Any], base_dir: str | Path | Non
         pspec = ProjectionSpec(**proj)
     except (ValueError, TypeError) as exc:
         raise ConfigError("projection", str(exc)) from exc
+    if faiss_spec.exact_rerank and len(out_cks) > 1:
+        raise ConfigError("index.exact_rerank", "exact re-ranking scores one model's gradients; an index over "
+                                                "several checkpoints cannot use it (drop one or the option).")
     dim_hint = pspec.dim * max(1, len(out_cks)) if pspec.kind != "none" else 0
     if faiss_spec.augmented(index["kernel"]) and faiss_spec.mips == "refuse":
         try:

@@ -62,6 +62,7 @@ class Embedder:
         self.lrs = [float(x) for x in lrs]
         self.projector = projector
         self.kernel = check_kernel(kernel)
+        self.keep_factors = False  # build chunks also keep the exact compact gradients (index.exact_rerank)
 
     @classmethod
     def from_config(cls, cfg: BuildConfig, layout: list[dict[str, Any]] | list[BlockInfo],
@@ -72,8 +73,10 @@ class Embedder:
         """
         lay = [b if isinstance(b, BlockInfo) else None for b in layout]
         lay = lay if all(b is not None for b in lay) else layout_from_json(layout)
-        return cls(engines if engines is not None else load_engines(cfg), [ck["learning_rate"] for ck in cfg.checkpoints],
-                   Projector(cfg.projection, lay), cfg.kernel)
+        emb = cls(engines if engines is not None else load_engines(cfg), [ck["learning_rate"] for ck in cfg.checkpoints],
+                  Projector(cfg.projection, lay), cfg.kernel)
+        emb.keep_factors = bool(cfg.faiss.exact_rerank)
+        return emb
 
     # ---- description -------------------------------------------------------------------------
     @property
@@ -113,17 +116,23 @@ class Embedder:
         return self.engines[-1].model
 
     # ---- vectors -----------------------------------------------------------------------------
-    def raw(self, X: Any, Y: Any = None, norms: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    def raw(self, X: Any, Y: Any = None, norms: bool = True,
+            sink: Any = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(embeddings (n, dim) float32, self-influence Σ lr‖g‖² (n,), gradient norm of the last checkpoint (n,)).
 
         ``norms=False`` (the query path) skips the exact norms, which for conv layers under a
         sketch projection means forming gradients the projection itself never forms; the two
-        norm outputs are then None.
+        norm outputs are then None. ``sink`` (a :class:`indexer.vectorstore.factors.FactorSink`) also
+        receives every chunk of gradient blocks, to keep the exact compact gradients (one checkpoint).
         """
+        if sink is not None and len(self.engines) != 1:
+            raise FailedPrecondition("exact gradient factors are kept for an index of one checkpoint only.")
         parts, selfinf, last_sq = [], None, None
         for eng, lr in zip(self.engines, self.lrs):
             rows, sqs = [], []
             for _, blocks in eng.iter_blocks(X, Y):
+                if sink is not None:
+                    sink.put(blocks)
                 V, sq = self.projector.project_with_norms(blocks, norms=norms)
                 rows.append(V)
                 sqs.append(sq)
@@ -138,14 +147,15 @@ class Embedder:
         V = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
         return V, selfinf, None if last_sq is None else np.sqrt(last_sq)
 
-    def train_vectors(self, X: Any, Y: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(stored vectors, self-influence, gradient norm) of training examples."""
-        V, selfinf, gnorm = self.raw(X, Y)
+    def train_vectors(self, X: Any, Y: Any = None, sink: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(stored vectors, self-influence, gradient norm) of training examples (``sink``: see :meth:`raw`)."""
+        V, selfinf, gnorm = self.raw(X, Y, sink=sink)
         return scale_train(V, self.kernel), selfinf, gnorm
 
-    def query_vectors(self, X: Any, Y: Any = None) -> np.ndarray:
-        """Query vectors (m, dim) float32; a query needs no gradient norms, so none are computed."""
-        V, _, _ = self.raw(X, Y, norms=False)
+    def query_vectors(self, X: Any, Y: Any = None, sink: Any = None) -> np.ndarray:
+        """Query vectors (m, dim) float32; a query needs no gradient norms, so none are computed
+        (``sink``: the queries' exact compact gradients too, from the same pass; see :meth:`raw`)."""
+        V, _, _ = self.raw(X, Y, norms=False, sink=sink)
         return scale_query(V, self.kernel)
 
     def project_gradients(self, G: np.ndarray, projected: bool, name: str = "the index") -> np.ndarray:

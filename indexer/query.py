@@ -55,6 +55,7 @@ class SearchResult:
     least_scores: np.ndarray | None = None
     least_ids: np.ndarray | None = None
     mode: str = "most"
+    exact_scores: bool = False  # every score is the exact kernel value of the unprojected gradients
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class IndexDescription:
     parameter_rules: dict[str, str] = field(default_factory=dict)  # parameter -> per-example gradient rule
     rules_verified: bool | None = None  # the engine's check against a batched backward passed (None: not recorded)
     text: dict[str, Any] | None = None  # text models: hf_kind and the tokenization (max_length, truncation, inputs)
+    exact_rerank: bool = False  # candidates re-scored with exact gradient kernel values (index.exact_rerank)
 
     @classmethod
     def from_row(cls, r: IndexRow, gradient_dim: int | None = None) -> "IndexDescription":
@@ -122,7 +124,8 @@ class IndexDescription:
                                 for c in r.model.checkpoints],
                    gradient_dim=gradient_dim, parameter_rules=dict(r.config.get("parameter_rules") or {}),
                    rules_verified=r.config.get("rules_verified"),
-                   text=text_description((r.config.get("build") or {}).get("model") or {}))
+                   text=text_description((r.config.get("build") or {}).get("model") or {}),
+                   exact_rerank=bool((r.faiss_params or {}).get("exact_rerank")))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (``gradient_dim`` left out while unknown)."""
@@ -173,6 +176,20 @@ class GradIndex:
         if d.gradient_dim is None and self._emb is not None:
             d = self._description = IndexDescription.from_row(self._row, self._emb.gradient_dim)
         return d
+
+    @property
+    def exact_rerank(self) -> bool:
+        """Whether searches given the queries' exact gradients (:meth:`embed` ``exact=True``) re-rank with them."""
+        return getattr(self.store, "factors", None) is not None
+
+    def scores_exact(self, reranked: bool) -> bool:
+        """Whether a search's scores are the exact kernel values of the unprojected gradients: re-ranked with
+        the exact factors, or stored without projection in an exact store (flat, or two-stage re-scoring)."""
+        if reranked and self.exact_rerank:
+            return True
+        proj = (self._row.projection or {}).get("kind", "none")
+        unprojected = proj == "none" and len(self._row.model.checkpoints) <= 1
+        return unprojected and (self.exact or isinstance(self.store, vectorstore.TwoStageStore))
 
     @property
     def exact(self) -> bool:
@@ -330,8 +347,10 @@ class GradIndex:
             raise InvalidArgument("X contains NaN or infinite values.")
         return X
 
-    def embed(self, X: Any, Y: Any = None) -> np.ndarray:
-        """Query vectors (m, dim) float32: gradients → projection → ``scale_query``."""
+    def embed(self, X: Any, Y: Any = None, exact: bool = False) -> Any:
+        """Query vectors (m, dim) float32: gradients → projection → ``scale_query``. ``exact=True``: (vectors,
+        :class:`~indexer.vectorstore.ExactQueries` of the queries' exact compact gradients from the same
+        pass, or None when the index keeps no exact factors), for :meth:`search`'s ``exact``."""
         X = self._check_x(X)
         emb = self.embedder()
         pre = self.preprocess()
@@ -347,12 +366,17 @@ class GradIndex:
                 if unknown:
                     raise InvalidArgument(f"unknown class labels {unknown[:5]}: use one of {cn}.")
                 Y = np.asarray([cn.index(v) for v in Y.tolist()], dtype=np.int64)
-        X, Y = self._trimmed(X, Y)
+        sink = vectorstore.FactorSink() if exact and self.exact_rerank else None
+        if sink is None:  # exact factors are kept at the build's padded length: no trimming for them
+            X, Y = self._trimmed(X, Y)
         with self.lock:
             try:
-                return emb.query_vectors(X, Y)  # a query needs its vector only, no gradient norms
+                Q = emb.query_vectors(X, Y, sink=sink)  # a query needs its vector only, no gradient norms
             except (ValueError, TypeError) as exc:
                 raise InvalidArgument(str(exc)) from exc
+        if not exact:
+            return Q
+        return Q, None if sink is None else vectorstore.ExactQueries.of(sink.records())
 
     def project_gradients(self, G: np.ndarray, projected: bool = False) -> np.ndarray:
         """Query vectors from client-computed flat gradients (m, gradient_dim), or from already
@@ -378,11 +402,13 @@ class GradIndex:
             return np.fromiter((r for (r,) in s.execute(q)), dtype=np.int64)
 
     def search(self, Q: Any, k: int, mode: str = "most", labels: Any = None, split: Any = None,
-               **search_params: Any) -> SearchResult:
+               exact: Any = None, **search_params: Any) -> SearchResult:
         """Top-k training examples by score for query vectors Q (m, dim) (from :meth:`embed`).
 
         ``mode='least'`` searches with −Q (the most negative scores, without sorting everything).
-        ``labels`` / ``split`` restrict the candidates (FAISS ID selector / masked GEMM).
+        ``labels`` / ``split`` restrict the candidates (FAISS ID selector / masked GEMM). ``exact``: the
+        queries' exact gradients (:meth:`embed` ``exact=True``): an index built with ``exact_rerank``
+        re-ranks its candidates with the exact kernel values (``SearchResult.exact_scores``).
         """
         if mode not in MODES:
             raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
@@ -398,21 +424,28 @@ class GradIndex:
         if not np.all(np.isfinite(Q)):
             raise InvalidArgument("query vectors contain NaN or infinite values.")
         allowed = self.allowed_ids(labels, split)
+        E = exact if exact is not None and self.exact_rerank else None
+        if E is not None:  # the rows' signs follow the query rows: -Q searches for the least similar
+            search_params["exact"] = E if mode == "most" else E.negated() if mode == "least" else \
+                vectorstore.ExactQueries.concat([E, E.negated()])
+        ex = self.scores_exact(E is not None)
         if mode == "most":
             s, i = self.store.search(Q, int(k), allowed, **search_params)
-            return SearchResult(s, i, mode=mode)
+            return SearchResult(s, i, mode=mode, exact_scores=ex)
         if mode == "least":
             s, i = self.store.search(-Q, int(k), allowed, **search_params)
-            return SearchResult(-s, i, mode=mode)
+            return SearchResult(-s, i, mode=mode, exact_scores=ex)
         # both: Q and -Q in one search, so the index is scanned once, not twice
         m = len(Q)
         s, i = self.store.search(np.concatenate([Q, -Q]), int(k), allowed, **search_params)
-        return SearchResult(s[:m], i[:m], -s[m:], i[m:], mode=mode)
+        return SearchResult(s[:m], i[:m], -s[m:], i[m:], mode=mode, exact_scores=ex)
 
     def find_similar(self, X: Any, Y: Any = None, k: int = 5, mode: str = "most", labels: Any = None,
                      split: Any = None, **search_params: Any) -> SearchResult:
-        """Embed query examples and search: the training examples most (least) similar to each."""
-        return self.search(self.embed(X, Y), k, mode, labels, split, **search_params)
+        """Embed query examples and search: the training examples most (least) similar to each (re-ranked
+        with the exact gradients where the index keeps them)."""
+        Q, E = self.embed(X, Y, exact=True)
+        return self.search(Q, k, mode, labels, split, exact=E, **search_params)
 
     # ---- examples ----------------------------------------------------------------------------
     def _example_dict(self, e: Example, payload: bool) -> dict[str, Any]:

@@ -57,6 +57,7 @@ class IndexSpec:
     milvus_token_env: str = "MILVUS_TOKEN"  # environment variable holding the cluster token (never stored)
     milvus_index: str = "FLAT"  # Milvus index type: FLAT (exact), IVF_FLAT, IVF_SQ8, HNSW
     milvus_batch: int = 1000  # rows per Milvus upsert during a build
+    exact_rerank: bool = False  # keep the exact gradient factors; re-score candidates with exact kernel values
     recall_stage1: float | None = None  # recall@10 of the candidate index alone (set at build, two-stage)
     recall_least: float | None = None  # recall@10 of least-similar (-q) searches (set at build, vectorstore)
 
@@ -78,6 +79,10 @@ class IndexSpec:
         if self.backend == "milvus" and (self.kind not in ("flat",) or self.rerank):
             raise InvalidArgument("index.backend='milvus' chooses its index with index.milvus_index; leave "
                                   "index.faiss='flat' and drop index.factory / index.rerank.")
+        if self.exact_rerank and (self.backend != "faiss" or not (self.rerank or self.kind == "factory")):
+            raise InvalidArgument("index.exact_rerank re-scores the candidates of a two-stage index: set index.rerank "
+                                  "(the number of candidates, e.g. 200) and index.factory (e.g. 'Flat' or "
+                                  "'IVF256,SQ8'), on the faiss backend.")
         if self.kind not in FAISS_KINDS:
             raise InvalidArgument(f"index.faiss {self.kind!r} is unknown: use one of {', '.join(FAISS_KINDS)}.")
         if self.mips not in ("augment", "refuse"):

@@ -58,6 +58,7 @@ class SimilarityResult:
     index: str
     generation: int
     server_timing: dict[str, float] = field(default_factory=dict)
+    exact_scores: bool = False  # the scores are exact kernel values of the unprojected gradients
 
     # The common case reads like alibi's explanation: result.scores, result.ids.
     @property
@@ -186,7 +187,7 @@ class GradIndexClient:
         targets = None
         if resp.results and resp.results[0].HasField("target"):
             targets = np.array([r.target for r in resp.results], dtype=np.int64)
-        return SimilarityResult(most, least, targets, resp.index, resp.generation, timing)
+        return SimilarityResult(most, least, targets, resp.index, resp.generation, timing, resp.exact_scores)
 
     def find_similar(self, index: str, X: np.ndarray | None = None, targets: np.ndarray | None = None, k: int = 5,
                      direction: str = "most", labels: Sequence[int] = (), splits: Sequence[str] = (),

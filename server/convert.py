@@ -88,7 +88,7 @@ def example_pb(rec: dict, include_data: bool) -> tpb.Example:
 
 
 _INDEX_FIELDS = {"name", "model", "kernel", "count", "dim", "gradient_dim", "faiss", "fingerprint", "recall_at_10",
-                 "parameter_rules", "rules_verified"}
+                 "parameter_rules", "rules_verified", "exact_rerank"}
 
 
 def index_pb(name: str, d: IndexDescription, generation: int) -> tpb.IndexInfo:
@@ -103,6 +103,7 @@ def index_pb(name: str, d: IndexDescription, generation: int) -> tpb.IndexInfo:
     msg.parameter_rules.update({str(k): str(v) for k, v in (d.parameter_rules or {}).items()})
     if d.rules_verified is not None:
         msg.rules_verified = bool(d.rules_verified)
+    msg.exact_rerank = bool(d.exact_rerank)
     msg.details.CopyFrom(to_struct(_no_host_paths({k: v for k, v in d.to_dict().items() if k not in _INDEX_FIELDS})))
     return msg
 

@@ -53,6 +53,8 @@ class Job:
     targets: np.ndarray | None = None
     Q: np.ndarray | None = None
     hits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    exact: Any = None                 # the queries' exact gradients (index.exact_rerank), for the re-ranking
+    exact_scores: bool = False        # the hits' scores are exact kernel values of the unprojected gradients
     error: BaseException | None = None
     records: dict[int, dict] | None = None  # catalog records of the hits, read once for the whole batch
     timing: dict[str, float] = field(default_factory=dict)
@@ -115,9 +117,10 @@ class Job:
 
 
 def search_hits(index: Any, Q: np.ndarray, k: int, direction: str, labels: Any = None,
-                split: Any = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{'most'|'least': (scores, ids)} of one search of the index (both directions in one scan)."""
-    res = index.search(Q, k, mode=direction, labels=labels, split=split)
+                split: Any = None, exact: Any = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{'most'|'least': (scores, ids)} of one search of the index (both directions in one scan);
+    ``exact``: the queries' exact gradients, for an index that re-ranks with them."""
+    res = index.search(Q, k, mode=direction, labels=labels, split=split, exact=exact)
     if direction == "least":
         return {"least": (res.scores, res.ids)}
     hits = {"most": (res.scores, res.ids)}
@@ -223,14 +226,18 @@ def _embed(served: Any, group: list[Job], embed_chunk: int) -> None:
         if Y is not None:
             for j in group:
                 j.timing["predict"] = (time.monotonic() - t) * 1e3
-    parts = []
+    parts, exact = [], []
     for s in range(0, len(X), embed_chunk):
         if not any(j.alive for j in group):
             return
-        parts.append(served.index.embed(X[s:s + embed_chunk], None if Y is None else Y[s:s + embed_chunk]))
+        q, e = served.index.embed(X[s:s + embed_chunk], None if Y is None else Y[s:s + embed_chunk], exact=True)
+        parts.append(q)
+        exact.append(e)
     Q = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    E = None if exact[0] is None else type(exact[0]).concat(exact)
     for j, a, b in zip(group, bounds[:-1], bounds[1:]):
         j.Q = Q[a:b]
+        j.exact = None if E is None else E.rows(a, b)
         j.targets = None if Y is None else Y[a:b]
 
 
@@ -240,12 +247,14 @@ def _search(served: Any, group: list[Job]) -> None:
     kmax = max(j.k for j in group)
     modes = {j.direction for j in group}
     mode = modes.pop() if len(modes) == 1 else "both"
-    found = search_hits(served.index, Q, kmax, mode, group[0].labels, group[0].split)
+    E = None if group[0].exact is None else type(group[0].exact).concat([j.exact for j in group])
+    found = search_hits(served.index, Q, kmax, mode, group[0].labels, group[0].split, exact=E)
     a = 0
     for j in group:
         b = a + len(j.Q)
         want = ("most", "least") if j.direction == "both" else (j.direction,)
         j.hits = {d: (found[d][0][a:b, :j.k], found[d][1][a:b, :j.k]) for d in want}
+        j.exact_scores = served.index.scores_exact(E is not None)
         a = b
 
 

@@ -204,13 +204,13 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
 
     def _respond(self, served: Served, hits: dict[str, tuple[np.ndarray, np.ndarray]], n: int, include_data: bool,
                  context: grpc.ServicerContext, timer: StageTimer, targets: np.ndarray | None = None,
-                 fetched: dict[int, dict] | None = None) -> pb.FindSimilarResponse:
+                 fetched: dict[int, dict] | None = None, exact_scores: bool = False) -> pb.FindSimilarResponse:
         """Fetch the hits' records (unless the batch did) and build the response for ``n`` queries."""
         alive(context, "fetch")
         all_ids = np.concatenate([ids.ravel() for _, ids in hits.values()])
         records = self._records(served, all_ids, include_data, fetched)
         timer.mark("fetch")
-        resp = pb.FindSimilarResponse(index=served.name, generation=served.generation)
+        resp = pb.FindSimilarResponse(index=served.name, generation=served.generation, exact_scores=exact_scores)
         for q in range(n):
             r = resp.results.add()
             if targets is not None:
@@ -325,7 +325,8 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
             if stage in job.timing:
                 timer.add(stage, job.timing[stage])
         targets = job.targets if job.targets is not None and job.targets.ndim == 1 else None
-        return self._respond(served, job.hits, len(X), request.include_data, context, timer, targets, job.records)
+        return self._respond(served, job.hits, len(X), request.include_data, context, timer, targets, job.records,
+                             job.exact_scores)
 
     @rpc
     def SearchByGradient(self, request, context):
@@ -354,7 +355,8 @@ class GradIndexServicer(pb_grpc.GradIndexServicer):
         alive(context, "search")
         hits = search_hits(served.index, Q, k, direction, **filt)
         timer.mark("search")
-        return self._respond(served, hits, len(Q), request.include_data, context, timer)
+        return self._respond(served, hits, len(Q), request.include_data, context, timer,
+                             exact_scores=served.index.scores_exact(False))
 
     @rpc
     def GetExamples(self, request, context):

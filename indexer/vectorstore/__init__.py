@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from indexer.errors import FailedPrecondition
 from indexer.store import IndexSpec
 from indexer.vectorstore.base import SearchBackend, ShardSource, exact_topk, max_norm, sample_rows
 from indexer.build_lock import BuildLocked, build_lock
+from indexer.vectorstore.factors import ExactQueries, FactorSink, write_factors
 from indexer.vectorstore.twostage import TwoStageStore, TwoStageWriter
 
 
@@ -40,13 +42,14 @@ def handles(spec: IndexSpec | dict[str, Any]) -> bool:
 
 def build_store(spec: IndexSpec, kernel: str, dim: int, n: int, shards: ShardSource, workdir: str | os.PathLike,
                 name: str, version: int, recall_sample: int = 200,
-                progress: bool = False) -> tuple[str, float | None, IndexSpec]:
+                progress: bool = False, factor_shards: Any = None) -> tuple[str, float | None, IndexSpec]:
     """Build the store an index version's spec asks for from the build's shards.
 
     Returns (path of ``store.json`` relative to ``workdir``, recall@10 of the served search against
     brute force on a seeded sample of stored rows, the spec with what the build measured/set:
     ``max_norm``, ``nlist``, ``recall_stage1``, ``recall_least``). Memory: one shard, the training sample and the
-    candidate index's codes (two-stage), one batch (Milvus).
+    candidate index's codes (two-stage), one batch (Milvus). ``factor_shards`` (``index.exact_rerank``): a
+    callable iterating the shards' exact gradient factor records, written next to the vectors.
     """
     workdir = Path(workdir).resolve()
     rel = Path("indexes") / name / f"v{version}"
@@ -73,6 +76,10 @@ def build_store(spec: IndexSpec, kernel: str, dim: int, n: int, shards: ShardSou
             for V, ids in shards():
                 w.add(V, ids)
             path = w.finish()
+            if spec.exact_rerank:
+                if factor_shards is None:
+                    raise FailedPrecondition("index.exact_rerank needs the build's gradient factors.")
+                write_factors(directory, factor_shards, kernel, np.load(directory / "ids.npy"))
         except BaseException:
             w.abort()
             raise
@@ -112,7 +119,7 @@ def open_store(path: str | os.PathLike, spec: IndexSpec | dict[str, Any], kernel
 
 
 __all__ = ["handles", "build_store", "open_store", "drop_store", "build_lock", "BuildLocked", "TwoStageStore",
-           "TwoStageWriter",
+           "TwoStageWriter", "ExactQueries", "FactorSink",
            "SearchBackend"]
 
 

@@ -18,6 +18,12 @@ On disk, in the index version's directory: ``store.json`` (what this is), ``cand
 (positional ids 0..n-1), ``vectors.f32`` (n × d float32, row i = position i), ``ids.npy`` (catalog
 row id of each position). Every file is written under a temporary name, fsynced and renamed.
 
+With ``index.exact_rerank`` the directory also holds each example's exact compact gradient factors
+(:mod:`indexer.vectorstore.factors`), and a search given the queries' own exact factors re-scores
+its candidates with the exact kernel value of the unprojected gradients instead: the projection
+then only chooses the candidates. Without query factors (a search by projected vectors) the store
+re-scores against ``vectors.f32`` as above.
+
 Builds stream: :class:`TwoStageWriter` appends each shard's vectors to ``vectors.f32`` and its
 codes to the candidate index, so memory holds the candidate index's codes (2 KiB per vector for
 SQ8 at d = 2,048; a ``Flat``-storage HNSW holds the full vectors, pick ``HNSW32,SQ8`` at scale) plus
@@ -37,6 +43,7 @@ import numpy as np
 from indexer.errors import FailedPrecondition, InvalidArgument
 from indexer.store import ExactSearcher, IndexSpec, atomic_write_index, augment_query, augment_train, fsync_path
 from indexer.vectorstore.base import check_query
+from indexer.vectorstore.factors import FACTORS_FILE, ExactQueries, FactorStore, exact_scores
 
 STORE_FILE = "store.json"
 EXACT_GATHER_ROWS = 16384  # rows gathered from the memory map per exact-scan step (bounded memory)
@@ -218,6 +225,7 @@ class TwoStageStore:
         self._ivf = faiss.try_extract_index_ivf(self.index)
         self._hnsw = hasattr(inner, "hnsw")
         self._pretransform = isinstance(faiss.downcast_index(self.index), faiss.IndexPreTransform)
+        self.factors = FactorStore(self.dir, self.n) if (self.dir / FACTORS_FILE).exists() else None
 
     @property
     def ntotal(self) -> int:
@@ -228,6 +236,8 @@ class TwoStageStore:
         return self.X, self.ids
 
     def close(self) -> None:
+        if getattr(self, "factors", None) is not None:
+            self.factors.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -337,6 +347,34 @@ class TwoStageStore:
             S_out[i, :kk], I_out[i, :kk] = sc[order], ids[order]
         return S_out, I_out
 
+    def _rescore_exact(self, E: ExactQueries, P: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 2 with exact gradients: each query's exact factors against its candidates' stored factors,
+        the exact kernel value (times the query row's sign: −1 for least-similar searches); exact top-k."""
+        m = len(P)
+        S_out = np.full((m, k), -np.inf, dtype=np.float32)
+        I_out = np.full((m, k), -1, dtype=np.int64)
+        for i in range(m):
+            pos = np.unique(P[i][P[i] >= 0])
+            if not len(pos):
+                continue
+            s = exact_scores(E.records[i:i + 1], self.factors.read(pos), self.kernel)[0] * E.sign[i]
+            kk = min(k, len(pos))
+            top = np.argpartition(-s, kk - 1)[:kk] if len(pos) > kk else np.arange(len(pos))
+            ids, sc = self.ids[pos[top]], s[top]
+            order = np.lexsort((ids, -sc))
+            S_out[i, :kk], I_out[i, :kk] = sc[order], ids[order]
+        return S_out, I_out
+
+    def _positions_of(self, I: np.ndarray) -> np.ndarray:
+        """Storage positions (m, r) of result ids (m, r); -1 stays -1."""
+        P = np.full(I.shape, -1, np.int64)
+        ok = I >= 0
+        if self._contig:
+            P[ok] = I[ok] - self.ids[0]
+        elif ok.any():
+            P[ok] = self._sorter[np.searchsorted(self.ids, I[ok], sorter=self._sorter)]
+        return P
+
     def exact_over(self, Q: np.ndarray, k: int, pos: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the given positions (all when None), gathered in bounded steps from the map."""
         best_s = np.full((len(Q), 0), -np.inf, np.float32)
@@ -359,7 +397,7 @@ class TwoStageStore:
     # ---- search -------------------------------------------------------------------------------
     def search(self, Q: np.ndarray, k: int, allowed_ids: np.ndarray | None = None, use_faiss: bool | None = None,
                nprobe: int | None = None, ef_search: int | None = None,
-               rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               rerank: int | None = None, exact: ExactQueries | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k exact inner products (m, k) and ids (m, k) of the best of ``rerank`` candidates.
 
         ``rerank`` (default: the index's) candidates come from the candidate index and are re-scored
@@ -367,22 +405,39 @@ class TwoStageStore:
         ``allowed_ids`` (filters): small allowed sets are scanned exactly; large ones filter stage 1,
         and a query left with fewer than k candidates falls back to the exact scan of the allowed rows.
         ``use_faiss`` is accepted for interface compatibility (this store always searches two-stage).
+        ``exact``: the queries' exact gradient factors (one per row of Q, with the row's sign); the
+        candidates are then re-scored with the exact kernel values of the unprojected gradients, which
+        needs a store built with ``index.exact_rerank`` (else FailedPrecondition). Filtered searches
+        take the candidates from the exact scan of the allowed projected rows in that case.
         """
         Q, k = check_query(Q, k, self.dim)
         R = max(int(self.spec.rerank if rerank is None else rerank), k)
         if R <= 0:
             raise InvalidArgument(f"rerank must be >= 0, got {rerank!r}.")
+        if exact is not None:
+            if self.factors is None:
+                raise FailedPrecondition("this index keeps no exact gradient factors: rebuild it with "
+                                         "index.exact_rerank = true, or search without exact factors.")
+            if len(exact) != len(Q):
+                raise InvalidArgument(f"{len(exact)} exact query gradients for {len(Q)} query vectors.")
+            self.factors.check_queries(exact)
         allowed_pos = None
         if allowed_ids is not None:
             allowed_pos = self.positions(allowed_ids)
             if len(allowed_pos) <= max(4 * R, self.n // 64):  # few rows: exact scan is cheaper than stage 1
-                return self.exact_over(Q, k, allowed_pos)
+                if exact is None:
+                    return self.exact_over(Q, k, allowed_pos)
+                return self._rescore_exact(exact, self._positions_of(self.exact_over(Q, R, allowed_pos)[1]), k)
         P = self.candidates(Q, R, nprobe, ef_search, allowed_pos)
-        S, I = self._rescore(Q, P, k)
+        S, I = self._rescore(Q, P, k) if exact is None else self._rescore_exact(exact, P, k)
         if allowed_pos is not None:
             short = np.flatnonzero((I >= 0).sum(1) < min(k, len(allowed_pos)))
             if len(short):  # the filter left too few candidates: answer those queries exactly
-                S[short], I[short] = self.exact_over(Q[short], k, allowed_pos)
+                if exact is None:
+                    S[short], I[short] = self.exact_over(Q[short], k, allowed_pos)
+                else:
+                    P2 = self._positions_of(self.exact_over(Q[short], R, allowed_pos)[1])
+                    S[short], I[short] = self._rescore_exact(exact.rows_at(short), P2, k)
         return S, I
 
 
