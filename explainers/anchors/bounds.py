@@ -16,30 +16,34 @@ def kl_bernoulli(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return m * np.log(m / n) + (1.0 - m) * np.log((1.0 - m) / (1.0 - n))
 
 
+def _kl_bound(p: np.ndarray, level: np.ndarray, upper: bool, n_iter: int) -> np.ndarray:
+    """The q on one side of p where KL(p, q) reaches ``level``, by bisection over all arms at once.
+
+    Upper side: largest q >= p with KL(p, q) <= level, the bracket [p, min(p + sqrt(level / 2), 1)];
+    lower side: smallest q <= p, the bracket [max(p - sqrt(level / 2), 0), p] (Pinsker's inequality
+    puts the answer inside). Returns the end of the bracket on the far side of p after ``n_iter - 1``
+    halvings, as alibi's two loops do.
+    """
+    p = np.asarray(p, dtype=float)
+    width = np.sqrt(np.asarray(level, dtype=float) / 2.0)
+    near = p.copy()  # the end of the bracket at p (KL <= level there)
+    far = np.minimum(p + width, 1.0) if upper else np.clip(p - width, 0.0, 1.0)
+    for _ in range(1, n_iter):
+        mid = (near + far) / 2.0
+        out = kl_bernoulli(p, mid) > level
+        far = np.where(out, mid, far)
+        near = np.where(out, near, mid)
+    return far
+
+
 def dup_bernoulli(p: np.ndarray, level: np.ndarray, n_iter: int = 17) -> np.ndarray:
     """Upper confidence bound: largest q >= p with KL(p, q) <= level (bisection)."""
-    p = np.asarray(p, dtype=float)
-    lm = p.copy()
-    um = np.minimum(p + np.sqrt(level / 2.0), 1.0)
-    for _ in range(1, n_iter):
-        qm = (um + lm) / 2.0
-        gt = kl_bernoulli(p, qm) > level
-        um = np.where(gt, qm, um)
-        lm = np.where(gt, lm, qm)
-    return um
+    return _kl_bound(p, level, True, n_iter)
 
 
 def dlow_bernoulli(p: np.ndarray, level: np.ndarray, n_iter: int = 17) -> np.ndarray:
     """Lower confidence bound: smallest q <= p with KL(p, q) <= level (bisection)."""
-    p = np.asarray(p, dtype=float)
-    um = p.copy()
-    lm = np.clip(p - np.sqrt(level / 2.0), 0.0, 1.0)
-    for _ in range(1, n_iter):
-        qm = (um + lm) / 2.0
-        gt = kl_bernoulli(p, qm) > level
-        lm = np.where(gt, qm, lm)
-        um = np.where(gt, um, qm)
-    return lm
+    return _kl_bound(p, level, False, n_iter)
 
 
 def compute_beta(n_arms: int, t: int, delta: float) -> float:
