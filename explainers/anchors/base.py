@@ -47,7 +47,7 @@ import numpy as np
 from explainers.explanation import Explanation  # noqa: F401  (re-exported: one class for every explainer)
 
 # re-exported: the explainers and tests import these from here
-from .bounds import compute_beta, dlow_bernoulli, dup_bernoulli, kl_bernoulli  # noqa: F401
+from .bounds import compute_beta, dlow_bernoulli, dup_bernoulli, kl_bernoulli, kl_bounds  # noqa: F401
 from .predictor import PREDICTOR_TYPES, Predictor, infer_predictor_type, resolve_predictor  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -390,8 +390,11 @@ class AnchorSearch:
             order = _rank(means, coverages)
             beta = compute_beta(n_arms, t, delta)
             J, not_J = order[-top_n:], order[:-top_n]
-            ub[not_J] = dup_bernoulli(means[not_J], beta / n_samples[not_J])
-            lb[J] = dlow_bernoulli(means[J], beta / n_samples[J])
+            # challengers' upper and the beam's lower bounds in one vectorised bisection
+            upper = np.zeros(n_arms, dtype=bool)
+            upper[not_J] = True
+            bound = kl_bounds(means, beta / n_samples, upper)
+            ub[not_J], lb[J] = bound[not_J], bound[J]
             groups["not_J"], groups["J"] = not_J, J
             return int(not_J[np.argmax(ub[not_J])]), int(J[np.argmin(lb[J])])
 
