@@ -245,3 +245,112 @@ def test_shared_draws_same_anchor_fewer_rows() -> None:
         assert fresh_precision(exp.segments, exp.raw["feature"]) >= 0.95 - 0.05
         rows[share] = exp.raw["labelled"]
     assert rows[True] < rows[False]
+
+
+class CallLog:
+    """``keyed`` that records the number of rows of every call."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(X))
+        return keyed(X)
+
+
+def test_predict_batch_size_groups_rows_and_changes_nothing_else() -> None:
+    """Rows per predictor call are capped (default: batch_size, the rows alibi sends per call); the anchor,
+    its trace and the images labelled are the same whatever the cap."""
+    exps, logs = {}, {}
+    for cap, batch in (("auto", 100), (None, 100), (7, 100), ("auto", 40)):
+        logs[cap, batch] = CallLog()
+        ex = AnchorImage(logs[cap, batch], IMG.shape, segmentation_fn=grid, predictor_type="class")
+        exps[cap, batch] = ex.explain(IMG, seed=4, predict_batch_size=cap, batch_size=batch, **FAST)
+    ref = exps["auto", 100]
+    assert sorted(ref.raw["feature"]) == [1, 5]
+    for key in (("auto", 100), (None, 100), (7, 100)):
+        e = exps[key]
+        assert e.raw["feature"] == ref.raw["feature"] and e.raw["precision"] == ref.raw["precision"]
+        assert e.raw["labelled"] == ref.raw["labelled"] == sum(logs[key].sizes) - 1  # [0]: the instance
+        assert e.meta["params"]["predict_batch_size"] == key[0]
+    assert max(logs["auto", 100].sizes) <= 100 < max(logs[None, 100].sizes)  # shared draws label ~2 x batch_size
+    assert max(logs[7, 100].sizes) <= 7
+    assert max(logs["auto", 40].sizes) <= 40
+    ex = AnchorImage(keyed, IMG.shape, segmentation_fn=grid, predictor_type="class")
+    for bad in (0, -3, 2.5, True, "big"):
+        with pytest.raises(ValueError, match="predict_batch_size"):
+            ex.explain(IMG, predict_batch_size=bad, **FAST)
+
+
+def test_focused_draws_label_only_what_the_blocking_arms_use() -> None:
+    """KL-LUCB's shared draws with ``wanted`` arms: only draws keeping a wanted arm's superpixel are
+    labelled, only anchors containing one are credited, and each credited arm's samples keep every
+    other superpixel at rate 1 - p_sample (its own distribution: conditioning on 'superpixel 1 or 5
+    kept' must not leak into arm (1,)'s rate for superpixel 5)."""
+    from explainers.anchors.base import AnchorSearch, Predictor
+    from explainers.anchors.image import ImageSampler
+
+    segs = grid(IMG) - 1
+    sampler = ImageSampler(IMG, segs, 1, Predictor(keyed), 0.5, None)
+    search = AnchorSearch(sampler, np.random.default_rng(0), lucb_arms=2)
+    singles = [(f,) for f in range(16)]
+    for a in singles:
+        search.t_order[a] = list(a)
+    search.tracked = singles + [(1, 5), (3, 5)]
+    for a in [(1, 5), (3, 5)]:
+        search.t_order[a] = list(a)
+    for _ in range(20):
+        pos, tot = search.draw_samples([(1,), (5,)], 100, wanted=[(1,), (5,)])
+        assert np.all(tot >= 100)
+    assert sampler.drawn == search.current  # every stored draw was sent for labelling
+    kept = search.data[:search.current]
+    assert kept[:, [1, 5]].any(axis=1).all(), "a draw keeping neither wanted superpixel was labelled"
+    for a in singles:
+        if a in ((1,), (5,)):
+            continue
+        assert search.t_nsamples.get(a, 0) == 0, f"{a} has no wanted superpixel but was credited"
+    assert search.t_nsamples[(3, 5)] > 0 and search.t_nsamples[(1, 5)] > 0
+    for a, other in (((1,), 5), ((5,), 1)):
+        rows = search._idx(a)
+        rate = search.data[rows, other].mean()
+        assert abs(rate - 0.5) < 4 * np.sqrt(0.25 / len(rows)), (a, rate, len(rows))
+    # (1,) and (5,) together: 3 of the 4 keep patterns of the pair are labelled (the parent's would be 4)
+    both = kept[:, 1] & kept[:, 5]
+    assert abs(both.mean() - 1 / 3) < 4 * np.sqrt(2 / 9 / len(kept))
+
+
+def test_examples_come_from_counted_samples_without_labelling_more() -> None:
+    """The explanation's examples are built from samples the search already labelled and counted for
+    each partial anchor: no predictor row is spent after the search, every example keeps the partial
+    anchor's superpixels, and covered_true / covered_false have the labels they claim."""
+    from explainers.anchors.base import AnchorSearch, Predictor
+    from explainers.anchors.image import ImageSampler
+
+    segs = grid(IMG) - 1
+    sampler = ImageSampler(IMG, segs, 1, Predictor(keyed), 0.5, None)
+    seen = {}
+
+    class Watched(AnchorSearch):
+        def metadata(self, *a, **k):  # type: ignore[override]
+            seen["before"] = sampler.labelled
+            out = super().metadata(*a, **k)
+            seen["after"] = sampler.labelled
+            return out
+
+    search = Watched(sampler, np.random.default_rng(1), lucb_arms=2)
+    res = search.anchor_beam(coverage_samples=1000)
+    assert sorted(res["feature"]) == [1, 5]
+    assert seen["after"] == seen["before"]
+    cur: tuple = ()
+    for f, step in zip(res["feature"], res["examples"]):
+        cur = tuple(sorted(cur + (f,)))
+        t_rows, f_rows = search.t_ex_rows[cur]
+        assert len(step["covered_true"]) == len(t_rows) <= 10 and len(step["covered_false"]) == len(f_rows) <= 10
+        assert len(t_rows) + len(f_rows) > 0
+        assert search.data[np.r_[t_rows, f_rows]][:, list(cur)].all()
+        assert search.labels[t_rows].all() and not search.labels[f_rows].any()
+        # the stored examples are those rows' images (scaled as alibi shows them); relabel them independently
+        imgs = sampler.images(search._gather(np.r_[t_rows, f_rows]))
+        np.testing.assert_array_equal(keyed(imgs) == 1, np.r_[np.ones(len(t_rows), bool), np.zeros(len(f_rows), bool)])
+        for got, img in zip(list(step["covered_true"]) + list(step["covered_false"]), imgs):
+            np.testing.assert_allclose(got, (img - img.min()) / (img.max() - img.min()) * 255, rtol=1e-5, atol=1e-3)

@@ -166,6 +166,11 @@ def test_kl_bounds_match_definition() -> None:
     assert np.all(ub > p) and np.all(lb < p)
     np.testing.assert_allclose(kl_bernoulli(p, ub), level, atol=2e-3)
     np.testing.assert_allclose(kl_bernoulli(p, lb), level, atol=2e-3)
+    # the one-pass helper KL-LUCB uses (upper bounds for some arms, lower for others) gives the same numbers
+    from explainers.anchors.bounds import kl_bounds
+
+    upper = np.array([True, False, True])
+    np.testing.assert_array_equal(kl_bounds(p, level, upper), np.where(upper, ub, lb))
 
 
 def test_lucb_arms_paper_rule_and_batched_rounds(explainer: AnchorTabular) -> None:

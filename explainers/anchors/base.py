@@ -47,7 +47,7 @@ import numpy as np
 from explainers.explanation import Explanation  # noqa: F401  (re-exported: one class for every explainer)
 
 # re-exported: the explainers and tests import these from here
-from .bounds import compute_beta, dlow_bernoulli, dup_bernoulli, kl_bernoulli  # noqa: F401
+from .bounds import compute_beta, dlow_bernoulli, dup_bernoulli, kl_bernoulli, kl_bounds  # noqa: F401
 from .predictor import PREDICTOR_TYPES, Predictor, infer_predictor_type, resolve_predictor  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -149,8 +149,13 @@ class AnchorSearch:
         self.t_positives: dict[tuple, float] = {}
         self.t_cov_mask: dict[tuple, np.ndarray] = {}
         self.t_coverage: dict[tuple, float] = {}
-        self.t_covered_true: dict[tuple, Any] = {}
-        self.t_covered_false: dict[tuple, Any] = {}
+        # examples are kept as cache row indices (the covered true / false rows of each anchor's last
+        # batch) and built only for the returned anchor's steps: building them per credited batch
+        # (every candidate, every round) cost ~7% of an image explanation
+        self.t_ex_rows: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        # every labelled batch in the predictor's format, by its first cache row (to rebuild examples)
+        self._raw_starts: list[int] = []
+        self._raws: list[Any] = []
         self.t_order: dict[tuple, list[int]] = {(): []}
 
     # ---- state ----------------------------------------------------------------------------------
@@ -168,7 +173,8 @@ class AnchorSearch:
             self.data = np.concatenate([self.data, np.zeros((extra, self.n_features), dtype=bool)])
             self.labels = np.concatenate([self.labels, np.zeros(extra, dtype=bool)])
 
-    def draw_samples(self, anchors: list[tuple], batch_size: int, share: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def draw_samples(self, anchors: list[tuple], batch_size: int, share: bool = True,
+                     wanted: Sequence[tuple] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Sample ``batch_size`` perturbations for each anchor, label all in one predictor call.
 
         Returns the positives and samples each anchor gained. With shared draws (see
@@ -179,7 +185,7 @@ class AnchorSearch:
             if a not in self.t_order:
                 self.t_order[a] = list(a)
         if self.shared and share and len(anchors) >= 2:
-            return self._draw_shared(anchors, batch_size)
+            return self._draw_shared(anchors, batch_size, wanted)
         raws, datas = [], []
         for a in anchors:
             raw, data = self.sampler.perturb(tuple(self.t_order[a]), batch_size, self.rng)
@@ -193,38 +199,55 @@ class AnchorSearch:
             n = data.shape[0]
             lab = labels[off:off + n]
             off += n
-            rows = self._store(data, lab)
-            pos[i], tot[i] = self._credit(a, rows, lab, raw, np.ones(n, dtype=bool))
+            rows = self._store(data, lab, raw)
+            pos[i], tot[i] = self._credit(a, rows, lab, np.ones(n, dtype=bool))
             if self.shared:  # a draw conditioned on a is also a draw for every tracked superset it keeps
                 for b in self.tracked:
                     if b != a and set(a) < set(b):
-                        self._credit(b, rows, lab, raw, data[:, list(b)].all(axis=1))
+                        self._credit(b, rows, lab, data[:, list(b)].all(axis=1))
         return pos, tot
 
-    def _store(self, data: np.ndarray, lab: np.ndarray) -> np.ndarray:
-        """Append labelled samples to the binary cache; their row indices."""
+    def _store(self, data: np.ndarray, lab: np.ndarray, raw: Any) -> np.ndarray:
+        """Append labelled samples to the binary cache (and their inputs to the raw log); their row indices."""
         n = data.shape[0]
         self._ensure_capacity(n)
         rows = np.arange(self.current, self.current + n)
         self.data[rows] = data
         self.labels[rows] = lab
+        self._raw_starts.append(self.current)
+        self._raws.append(raw)
         self.current += n
         return rows
 
-    def _credit(self, a: tuple, rows: np.ndarray, lab: np.ndarray, raw: Any, sel: np.ndarray) -> tuple[float, float]:
-        """Count the selected samples for anchor ``a`` (statistics and examples)."""
+    def _credit(self, a: tuple, rows: np.ndarray, lab: np.ndarray, sel: np.ndarray) -> tuple[float, float]:
+        """Count the selected samples for anchor ``a`` (statistics; example rows: alibi keeps the last batch's)."""
         idx = np.nonzero(sel)[0]
         if not len(idx):
             return 0.0, 0.0
         la = lab[idx]
+        n_pos = float(np.count_nonzero(la))
         self.t_idx.setdefault(a, []).append(rows[idx])
         self.t_nsamples[a] = self.t_nsamples.get(a, 0.0) + len(idx)
-        self.t_positives[a] = self.t_positives.get(a, 0.0) + float(la.sum())
-        self.t_covered_true[a] = self.sampler.examples(raw[idx[np.nonzero(la)[0][:self.n_covered_ex]]])
-        self.t_covered_false[a] = self.sampler.examples(raw[idx[np.nonzero(~la)[0][:self.n_covered_ex]]])
-        return float(la.sum()), float(len(idx))
+        self.t_positives[a] = self.t_positives.get(a, 0.0) + n_pos
+        self.t_ex_rows[a] = self._example_rows(rows[idx], la)
+        return n_pos, float(len(idx))
 
-    def _draw_shared(self, anchors: list[tuple], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def _example_rows(self, rows: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n_covered_ex`` covered-true and covered-false rows among ``rows`` (their labels ``lab``)."""
+        k = self.n_covered_ex
+        return rows[np.nonzero(lab)[0][:k]], rows[np.nonzero(~lab)[0][:k]]
+
+    def _gather(self, rows: np.ndarray) -> Any:
+        """The labelled inputs of cache ``rows`` (ascending), in the predictor's format, from the raw log."""
+        starts = np.asarray(self._raw_starts)
+        batch = np.searchsorted(starts, rows, side="right") - 1
+        parts = [self._raws[b][rows[batch == b] - starts[b]] for b in np.unique(batch)]
+        if not parts:
+            return self._raws[0][np.zeros(0, dtype=np.int64)]
+        return parts[0] if len(parts) == 1 else self.sampler.concat(parts)
+
+    def _draw_shared(self, anchors: list[tuple], batch_size: int, wanted: Sequence[tuple] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
         """Draw for several anchors at once from their common parents' distributions.
 
         For a sampler whose features are perturbed independently (``sampler.share_rate``: the
@@ -239,6 +262,16 @@ class AnchorSearch:
         critical arms of a round cost what they cost before, and every other candidate sharing the
         parent gains about as many samples for free. Anchors still short after a few rounds are
         topped up by direct draws.
+
+        ``wanted`` (KL-LUCB passes the arms that still block its stopping rule, the requested ones
+        among them): only the draws that some wanted arm of the group can use are labelled, i.e.
+        those keeping at least one of the features F that the group's wanted arms add to P; they are
+        counted only for anchors that contain a feature of F. A draw from P in which such an anchor
+        A is kept is in that subset whatever its other features, so A's samples are still its own
+        distribution's (the subset is chosen by features, never labels); anchors without a feature
+        of F get nothing from these draws, which is why the rule applies only to arms that cannot
+        change KL-LUCB's stopping decision now. In the last rounds of a stage, when only the two
+        critical arms block, this skips the quarter of the parent's draws that keep neither.
         """
         gained = {a: [0.0, 0.0] for a in anchors}
         groups: dict[tuple, list[tuple]] = {}
@@ -250,6 +283,11 @@ class AnchorSearch:
         for parent, group in groups.items():
             pset = set(parent)
             mine = [b for b in targets if pset <= set(b)]
+            focus: list[int] | None = None
+            if wanted is not None:
+                focus = sorted({self.t_order[a][-1] for a in list(wanted) + group
+                                if self.t_order.get(a) and tuple(self.t_order[a][:-1]) == parent})
+                mine = [b for b in mine if not set(focus).isdisjoint(b)]
             cols = {b: list(b) for b in mine}
             for _ in range(4):
                 need = max(batch_size - gained[a][1] for a in group)
@@ -258,10 +296,13 @@ class AnchorSearch:
                 n = int(np.ceil(need / rate * 1.1)) + 8
                 raw, data = self.sampler.perturb(parent, n, self.rng)
                 data = np.asarray(data, dtype=bool)
+                if focus is not None:  # only the draws a wanted arm can use
+                    use = np.nonzero(data[:, focus].any(axis=1))[0]
+                    raw, data = raw[use], data[use]
                 lab = self.sampler.labels(raw)
-                rows = self._store(data, lab)
+                rows = self._store(data, lab, raw)
                 for b in mine:
-                    p_, t_ = self._credit(b, rows, lab, raw, data[:, cols[b]].all(axis=1) if cols[b] else
+                    p_, t_ = self._credit(b, rows, lab, data[:, cols[b]].all(axis=1) if cols[b] else
                                           np.ones(len(lab), dtype=bool))
                     if b in gained:
                         gained[b][0] += p_
@@ -272,8 +313,8 @@ class AnchorSearch:
             raw, data = self.sampler.perturb(tuple(self.t_order[a]), n, self.rng)
             data = np.asarray(data, dtype=bool)
             lab = self.sampler.labels(raw)
-            rows = self._store(data, lab)
-            p_, t_ = self._credit(a, rows, lab, raw, np.ones(n, dtype=bool))
+            rows = self._store(data, lab, raw)
+            p_, t_ = self._credit(a, rows, lab, np.ones(n, dtype=bool))
             gained[a][0] += p_
             gained[a][1] += t_
         return np.array([gained[a][0] for a in anchors]), np.array([gained[a][1] for a in anchors])
@@ -349,9 +390,12 @@ class AnchorSearch:
             order = _rank(means, coverages)
             beta = compute_beta(n_arms, t, delta)
             J, not_J = order[-top_n:], order[:-top_n]
-            ub[not_J] = dup_bernoulli(means[not_J], beta / n_samples[not_J])
-            lb[J] = dlow_bernoulli(means[J], beta / n_samples[J])
-            groups["not_J"] = not_J
+            # challengers' upper and the beam's lower bounds in one vectorised bisection
+            upper = np.zeros(n_arms, dtype=bool)
+            upper[not_J] = True
+            bound = kl_bounds(means, beta / n_samples, upper)
+            ub[not_J], lb[J] = bound[not_J], bound[J]
+            groups["not_J"], groups["J"] = not_J, J
             return int(not_J[np.argmax(ub[not_J])]), int(J[np.argmin(lb[J])])
 
         ut, lt = critical(t)
@@ -370,7 +414,14 @@ class AnchorSearch:
                 nj = nj[np.argsort(-ub[nj], kind="stable")]
                 extra = [int(i) for i in nj if i != ut and ub[i] - lb[lt] > epsilon][:self.lucb_arms - 2]
                 idx += extra
-            pos, tot = self.draw_samples([anchors[i] for i in idx], batch_size)
+            wanted = None
+            if self.shared:
+                # the arms that still block the stopping rule: their draws are the only ones worth labelling
+                J = groups["J"]
+                block = {int(i) for i in groups["not_J"] if ub[i] - lb[lt] > epsilon}
+                block |= {int(j) for j in J if ub[ut] - lb[j] > epsilon}
+                wanted = [anchors[i] for i in sorted(block | set(idx))]
+            pos, tot = self.draw_samples([anchors[i] for i in idx], batch_size, wanted=wanted)
             if self.shared:  # other arms may have gained samples too
                 n_samples, positives, _ = self._stats(anchors)
             else:
@@ -485,8 +536,16 @@ class AnchorSearch:
         # precision as estimated by the search, before any sampling for examples (as alibi reports it)
         had = {p: bool(self.t_nsamples.get(p)) for p in partials}
         means = {p: self.t_positives[p] / self.t_nsamples[p] for p in partials if had[p]}
-        missing = [p for p in partials if p not in self.t_covered_true]
-        for p in missing:  # partial anchors never sampled directly: sample once to get examples
+        for p in partials:
+            if p in self.t_ex_rows:
+                continue
+            # a partial anchor never drawn for directly: its examples from the last samples the search
+            # counted for it (cached draws in which it holds), instead of labelling a batch for them
+            rows = self._idx(p)[-int(batch_size):]
+            if len(rows):
+                self.t_ex_rows[p] = self._example_rows(rows, self.labels[rows])
+        missing = [p for p in partials if p not in self.t_ex_rows]
+        for p in missing:  # no sample at all: sample once to get examples
             self.t_order[p] = list(p)
         if missing:  # for examples only: each partial's own draws (shared draws would cost more here)
             self.draw_samples(missing, batch_size, share=False)
@@ -499,8 +558,9 @@ class AnchorSearch:
             out["mean"].append(mean)
             out["precision"].append(mean)
             out["coverage"].append(self.t_coverage[p])
-            out["examples"].append({"covered_true": self.t_covered_true[p],
-                                    "covered_false": self.t_covered_false[p],
+            true_rows, false_rows = self.t_ex_rows[p]
+            out["examples"].append({"covered_true": self.sampler.examples(self._gather(true_rows)),
+                                    "covered_false": self.sampler.examples(self._gather(false_rows)),
                                     "uncovered_true": np.array([]), "uncovered_false": np.array([])})
         out["num_preds"] = int(self.current)
         return out

@@ -16,30 +16,36 @@ def kl_bernoulli(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return m * np.log(m / n) + (1.0 - m) * np.log((1.0 - m) / (1.0 - n))
 
 
+def kl_bounds(p: np.ndarray, level: np.ndarray, upper: np.ndarray | bool, n_iter: int = 17) -> np.ndarray:
+    """The q on one side of p where KL(p, q) reaches ``level``, by bisection over all arms at once.
+
+    Elementwise, ``upper`` True: largest q >= p with KL(p, q) <= level, in the bracket
+    [p, min(p + sqrt(level / 2), 1)]; False: smallest q <= p, in [max(p - sqrt(level / 2), 0), p]
+    (Pinsker's inequality puts the answer inside). Both sides halve the same way (the midpoint
+    replaces the far end when KL exceeds the level there, else the near end), so one loop serves a
+    mix of upper and lower bounds (KL-LUCB's challengers and beam in one pass). Returns the far end
+    after ``n_iter - 1`` halvings, as alibi's two loops do (bit-identical to them).
+    """
+    p = np.asarray(p, dtype=float)
+    width = np.sqrt(np.asarray(level, dtype=float) / 2.0)
+    near = p.copy()  # the end of the bracket at p (KL <= level there)
+    far = np.where(upper, np.minimum(p + width, 1.0), np.clip(p - width, 0.0, 1.0))
+    for _ in range(1, n_iter):
+        mid = (near + far) / 2.0
+        out = kl_bernoulli(p, mid) > level
+        far = np.where(out, mid, far)
+        near = np.where(out, near, mid)
+    return far
+
+
 def dup_bernoulli(p: np.ndarray, level: np.ndarray, n_iter: int = 17) -> np.ndarray:
     """Upper confidence bound: largest q >= p with KL(p, q) <= level (bisection)."""
-    p = np.asarray(p, dtype=float)
-    lm = p.copy()
-    um = np.minimum(p + np.sqrt(level / 2.0), 1.0)
-    for _ in range(1, n_iter):
-        qm = (um + lm) / 2.0
-        gt = kl_bernoulli(p, qm) > level
-        um = np.where(gt, qm, um)
-        lm = np.where(gt, lm, qm)
-    return um
+    return kl_bounds(p, level, True, n_iter)
 
 
 def dlow_bernoulli(p: np.ndarray, level: np.ndarray, n_iter: int = 17) -> np.ndarray:
     """Lower confidence bound: smallest q <= p with KL(p, q) <= level (bisection)."""
-    p = np.asarray(p, dtype=float)
-    um = p.copy()
-    lm = np.clip(p - np.sqrt(level / 2.0), 0.0, 1.0)
-    for _ in range(1, n_iter):
-        qm = (um + lm) / 2.0
-        gt = kl_bernoulli(p, qm) > level
-        lm = np.where(gt, qm, lm)
-        um = np.where(gt, um, qm)
-    return lm
+    return kl_bounds(p, level, False, n_iter)
 
 
 def compute_beta(n_arms: int, t: int, delta: float) -> float:
@@ -49,4 +55,4 @@ def compute_beta(n_arms: int, t: int, delta: float) -> float:
     return float(temp + np.log(temp))
 
 
-__all__ = ["kl_bernoulli", "dup_bernoulli", "dlow_bernoulli", "compute_beta"]
+__all__ = ["kl_bernoulli", "kl_bounds", "dup_bernoulli", "dlow_bernoulli", "compute_beta"]
