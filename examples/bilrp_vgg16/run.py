@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"trained {steps} steps of 16 images in {minutes:.1f} min ({how}); weights cached in {wpath}")
     sub = slice(0, 256)
     acc = accuracy(model, X[sub], y[sub])
-    print(f"train accuracy (256 training images): {acc:.3f} (chance {1 / len(CLASSES):.2f})")
+    print(f"train accuracy ({len(X[sub])} training images): {acc:.3f} (chance {1 / len(CLASSES):.2f})")
 
     phi = penultimate_embedding(model)
     with torch.no_grad():
