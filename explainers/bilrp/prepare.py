@@ -49,7 +49,6 @@ from torch import fx, nn
 
 from indexer.compat import ensure_torchvision_importable
 
-from explainers.bilrp.options import RULES
 
 ensure_torchvision_importable()  # zennit's __init__ imports torchvision
 
