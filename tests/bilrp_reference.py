@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explainers.bilrp.options import check_options
 from explainers.bilrp.result import BiLRPResult, _pool_rows
-
-RULES = ("zero", "epsilon", "gamma", "zb")
 
 
 def _stab(dtype: torch.dtype) -> float:
@@ -222,37 +221,11 @@ class ExplicitBiLRP:
         self._stab = _stab(dtype)
         self.ops = _prepare(model, dtype)
         n_lin = sum(op.kind == "linear" for op in self.ops)
-        rules = [rule] * n_lin if isinstance(rule, str) else list(rule)
-        if len(rules) != n_lin:
-            raise ValueError(f"rule list has {len(rules)} entries but the model has {n_lin} Linear/Conv layers")
-        if input_rule is not None:
-            rules[0] = input_rule
-        for r in rules:
-            if r not in RULES:
-                raise ValueError(f"unknown LRP rule {r!r}; choose from {RULES}")
-        if "zb" in rules[1:]:
-            raise ValueError("the z^B rule applies to the input layer only (input_rule='zb')")
-        if rules[0] == "zb" and bounds is None:
-            raise ValueError("the z^B rule needs input bounds: bounds=(low, high), e.g. (0, 1) for pixels")
-        if epsilon < 0 or gamma < 0:
-            raise ValueError(f"epsilon and gamma must be >= 0, got epsilon={epsilon}, gamma={gamma}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.rules = rules
-        self.bounds = bounds
-        self.epsilon = float(epsilon)
-        self.gamma = float(gamma)
-        self.pool = pool
-        self.batch_size = int(batch_size)
-        self.projection = None if projection is None else torch.as_tensor(np.asarray(projection), dtype=dtype)
-        if self.projection is not None and self.projection.dim() != 2:
-            raise ValueError(f"projection must be a (dim(phi), k) matrix, got shape {tuple(self.projection.shape)}")
-        self.meta: dict[str, Any] = {
-            "name": "BiLRP", "type": ["whitebox"], "explanations": ["local"],
-            "params": {"rules": list(rules), "bounds": bounds, "epsilon": self.epsilon, "gamma": self.gamma,
-                       "projection_rank": None if self.projection is None else int(self.projection.shape[1]),
-                       "pool": pool, "batch_size": self.batch_size, "dtype": str(dtype).replace("torch.", "")},
-        }
+        # only the option checks are shared with the explainer; the computation below is this file's own
+        o = check_options(n_lin, rule, input_rule, bounds, epsilon, gamma, projection, pool, batch_size, dtype)
+        self.rules, self.bounds, self.epsilon, self.gamma = o.rules, o.bounds, o.epsilon, o.gamma
+        self.pool, self.batch_size, self.projection, self.meta = o.pool, o.batch_size, o.projection, o.meta
+        rules = o.rules
         # rule per op index
         self._op_rule: dict[int, str] = {}
         j = 0

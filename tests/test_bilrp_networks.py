@@ -198,18 +198,20 @@ def test_zero_similarity_pair_gives_a_zero_explanation():
     assert res.pool_grid == (2, 2)
 
 
-def test_batched_backward_equals_repeated_input():
-    """The vmap'ed backward (all seeds of a chunk at once) equals the exact unbatched path (the input
-    repeated once per seed), on the residual network with z^B and gamma."""
+def test_vmapped_backward_equals_repeated_input():
+    """The two ways of pushing many seeds: the input repeated once per seed along the batch axis (the
+    default) and one forward with a vmapped backward (``batched_backward = True``) agree, on the
+    residual network with z^B and gamma."""
     model = _resnet_embedding(seed=3)
     xa, xb = _image(8), _image(9)
     opts = dict(rule="gamma", input_rule="zb", bounds=(0.0, 1.0), dtype=torch.float64, batch_size=3)
-    fast = BiLRP(model, **opts).explain(xa, xb)
-    slow_e = BiLRP(model, **opts)
-    slow_e.batched_backward = False
-    slow = slow_e.explain(xa, xb)
-    assert np.abs(fast.relevance).max() > 0
-    np.testing.assert_allclose(fast.relevance, slow.relevance, rtol=1e-10, atol=1e-14)
+    repeated = BiLRP(model, **opts).explain(xa, xb)
+    vm = BiLRP(model, **opts)
+    vm.batched_backward = True
+    vmapped = vm.explain(xa, xb)
+    assert vm.batched_backward  # it ran, no fallback
+    assert np.abs(repeated.relevance).max() > 0
+    np.testing.assert_allclose(repeated.relevance, vmapped.relevance, rtol=1e-10, atol=1e-14)
 
 
 def test_refused_calls_name_the_node():
@@ -262,3 +264,74 @@ def test_penultimate_embedding_of_a_model_with_its_own_forward():
     assert phi.get_submodule("features.0").weight is model.features[0].weight
     with pytest.raises(ValueError, match="must return the output of an nn.Linear"):
         penultimate_embedding(FunctionalResidual())  # ends in a ReLU
+
+
+@pytest.mark.parametrize("opts", [
+    dict(rule="gamma", input_rule="zb", bounds=(0.0, 1.0)),
+    dict(rule="epsilon", epsilon=0.1),
+])
+def test_direct_rules_equal_zennits_own_hooks(opts):
+    """``DirectRule`` (the rule run without zennit's discarded ordinary backward and nested autograd,
+    its forward on the distinct example only) gives zennit's own hook result, on the ResNet blocks."""
+    model = _resnet_embedding(seed=4)
+    xa, xb = _image(10), _image(11)
+    fast = BiLRP(model, dtype=torch.float64, batch_size=5, **opts)
+    slow = BiLRP(model, dtype=torch.float64, batch_size=5, **opts)
+    slow.direct = False
+    a, b = fast.explain(xa, xb), slow.explain(xa, xb)
+    assert np.abs(b.relevance).max() > 0
+    np.testing.assert_allclose(a.relevance, b.relevance, rtol=1e-9, atol=1e-12 * np.abs(b.relevance).max())
+
+
+def test_direct_general_gamma_on_negative_inputs_equals_zennit():
+    """Behind a Tanh the gamma layer sees negative inputs: the one-pass form hands over to zennit's
+    generalized Gamma (four passes), still equal to zennit's own hooks."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.ReLU()).eval()
+    x, xo = np.random.default_rng(4).normal(size=(2, 6))
+    fast = BiLRP(model, rule="gamma", dtype=torch.float64)
+    slow = BiLRP(model, rule="gamma", dtype=torch.float64)
+    slow.direct = False
+    a, b = fast.explain(x, xo), slow.explain(x, xo)
+    assert np.abs(b.relevance).max() > 0
+    np.testing.assert_allclose(a.relevance, b.relevance, rtol=1e-9, atol=1e-13)
+
+
+def test_direct_rule_computes_all_copies_when_they_differ():
+    """The shortcut (forward on the distinct examples only) applies to a batch of equal copies; a batch
+    announced as copies whose copies differ is computed on all of them (same LRP as unannounced)."""
+    from explainers.bilrp.prepare import prepare
+
+    model = _resnet_embedding(seed=5)
+    e = BiLRP(model, rule="zero", dtype=torch.float64)
+    x = torch.as_tensor(np.stack([_image(12), _image(13)]))
+    prep = prepare(e._traced, x[:1], e.rules, epsilon=e.epsilon, gamma=e.gamma, dtype=torch.float64)
+    seeds = torch.as_tensor(np.random.default_rng(5).normal(size=(2, 8)))
+
+    def lrp(n):
+        prep.copies.n = n
+        try:
+            with prep.composite.context(prep.module) as m:
+                xi = x.clone().requires_grad_(True)
+                return torch.autograd.grad(m(xi), xi, grad_outputs=seeds)[0]
+        finally:
+            prep.copies.n = None
+
+    np.testing.assert_allclose(lrp(1).numpy(), lrp(None).numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_traced_model_is_cached_until_its_weights_change():
+    """Explainers of the same model reuse one traced copy (the server builds one per request); an
+    in-place weight update (an optimizer step) makes the next explainer trace the model again."""
+    model = _resnet_embedding(seed=6)
+    e1, e2 = BiLRP(model, rule="zero"), BiLRP(model, rule="zero")
+    assert e1._traced is e2._traced
+    xa, xb = _image(14), _image(15)
+    before = e2.explain(xa, xb).relevance
+    assert e1._prepare(e1._as_input(xa)) is e2._prepare(e2._as_input(xa))
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    e3 = BiLRP(model, rule="zero")
+    assert e3._traced is not e1._traced
+    after = e3.explain(xa, xb).relevance
+    assert not np.allclose(before, after)

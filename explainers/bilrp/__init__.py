@@ -6,10 +6,13 @@ similarity built on an embedding phi is a composition of ordinary LRP passes:
     R_{ii'} = sum_m R_i(phi_m; x) * R_{i'}(phi_m; x')
 
 where R_i(phi_m; x) is the LRP explanation of the single embedding output phi_m(x). The explainer
-computes all the passes for the m's at once (the m's are a batch of one-hot output seeds fed as
-output gradients to one batched backward pass through the model with zennit's LRP rules hooked on
-its modules), optionally after a low-rank projection of phi (k seeds instead of dim(phi)), and pools
-the pair matrix to image patches or text tokens. Any ``nn.Module`` torch.fx can trace is accepted
+computes all the passes for the m's at once: the input is repeated once per seed along the batch
+axis and each copy's output is seeded with its one-hot (zennit's rules act per batch element), so a
+chunk of seeds costs one forward and one backward through the model with zennit's LRP rules hooked
+on its modules; the Linear/Conv rules run through ``prepare.DirectRule`` (zennit's rule without the
+ordinary backward zennit computes underneath it, the layer's forward on the distinct example only).
+Optionally phi is first reduced by a low-rank projection (k seeds instead of dim(phi)); the pair
+matrix is pooled to image patches or text tokens. Any ``nn.Module`` torch.fx can trace is accepted
 (torchvision's VGG and ResNet as shipped, residual blocks, functional activations).
 
 Modules, one job each:
@@ -17,7 +20,8 @@ Modules, one job each:
 - ``explainer``: ``BiLRP`` (the passes and their product), ``explain_pair`` (the server hook),
   ``pca_projection`` and ``penultimate_embedding``;
 - ``prepare``: tracing the model, rewriting the calls whose gradient is not their LRP rule into
-  hookable modules, folding BatchNorm, and the zennit rule of every module;
+  hookable modules, folding BatchNorm, and the zennit rule of every module (``DirectRule``);
+- ``options``: the checks of the explainer's options (shared with the test reference);
 - ``result``: ``BiLRPResult`` (pair matrix, pooled matrix, top pairs, ``to_explanation()``);
 - ``plot``: ``plot_pair``, the paper's pair figure.
 
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 from explainers.bilrp.explainer import BiLRP, explain_pair, pca_projection, penultimate_embedding
 from explainers.bilrp.plot import plot_pair
-from explainers.bilrp.prepare import RULES
+from explainers.bilrp.options import RULES
 from explainers.bilrp.result import BiLRPResult
 
 __all__ = ["BiLRP", "BiLRPResult", "explain_pair", "plot_pair", "pca_projection", "penultimate_embedding", "RULES"]

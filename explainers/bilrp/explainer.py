@@ -5,16 +5,50 @@ classifier, the server hook)."""
 
 from __future__ import annotations
 
+import itertools
+import threading
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import fx, nn
 
-from explainers.bilrp.prepare import RULES, Prepared, prepare, trace
+from explainers.bilrp.options import check_options
+from explainers.bilrp.prepare import Prepared, prepare, trace
 from explainers.bilrp.result import BiLRPResult, _pool_rows
 from explainers.explanation import Explanation
+
+
+# Traced (and prepared) models, reused by every explainer of the same model and options: the server
+# builds an explainer per request. An entry is valid while the model's parameters and buffers are the
+# same tensors at the same version (an in-place update, e.g. an optimizer step, bumps the version).
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+                 for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _traced(model: nn.Module, dtype: torch.dtype) -> tuple[fx.GraphModule, int, dict]:
+    """The traced copy of ``model`` in ``dtype``, its Linear/Conv count and its cache of prepared graphs
+    (cached per model while the model's weights are unchanged)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"BiLRP needs a torch.nn.Module, got {type(model).__name__}")
+    fp = _fingerprint(model)
+    with _CACHE_LOCK:
+        try:
+            per_model = _CACHE.setdefault(model, {})
+        except TypeError:  # not weak-referenceable: no caching
+            per_model = {}
+        entry = per_model.get(dtype)
+        if entry is None or entry[0] != fp:
+            traced, n_lin = trace(model, dtype)
+            entry = per_model[dtype] = (fp, traced, n_lin, {})
+    return entry[1], entry[2], entry[3]
 
 
 class BiLRP:
@@ -23,7 +57,8 @@ class BiLRP:
     Parameters
     ----------
     model: the embedding phi; explained in eval mode (Dropout off, BatchNorm folded with running stats).
-        A private copy is explained: the model itself is not modified.
+        A private copy is explained: the model itself is not modified. The traced copy is cached per
+        model (and dropped when the model's weights change), so building an explainer per call is cheap.
     rule: LRP rule for every Linear/Conv layer ("zero", "epsilon", "gamma"), or a sequence with one
         rule per Linear/Conv call in execution order, input side first.
     input_rule: optional rule for the first Linear/Conv layer (typically "zb" for pixels).
@@ -42,40 +77,16 @@ class BiLRP:
                  projection: np.ndarray | torch.Tensor | None = None, pool: Any = "auto", batch_size: int = 256,
                  dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype
-        self._traced, n_lin = trace(model, dtype)
-        rules = [rule] * n_lin if isinstance(rule, str) else list(rule)
-        if len(rules) != n_lin:
-            raise ValueError(f"rule list has {len(rules)} entries but the model has {n_lin} Linear/Conv layers")
-        if input_rule is not None:
-            rules[0] = input_rule
-        for r in rules:
-            if r not in RULES:
-                raise ValueError(f"unknown LRP rule {r!r}; choose from {RULES}")
-        if "zb" in rules[1:]:
-            raise ValueError("the z^B rule applies to the input layer only (input_rule='zb')")
-        if rules[0] == "zb" and bounds is None:
-            raise ValueError("the z^B rule needs input bounds: bounds=(low, high), e.g. (0, 1) for pixels")
-        if epsilon < 0 or gamma < 0:
-            raise ValueError(f"epsilon and gamma must be >= 0, got epsilon={epsilon}, gamma={gamma}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.rules = rules
-        self.bounds = bounds
-        self.epsilon = float(epsilon)
-        self.gamma = float(gamma)
-        self.pool = pool
-        self.batch_size = int(batch_size)
-        self.projection = None if projection is None else torch.as_tensor(np.asarray(projection), dtype=dtype)
-        if self.projection is not None and self.projection.dim() != 2:
-            raise ValueError(f"projection must be a (dim(phi), k) matrix, got shape {tuple(self.projection.shape)}")
-        self.meta: dict[str, Any] = {
-            "name": "BiLRP", "type": ["whitebox"], "explanations": ["local"],
-            "params": {"rules": list(rules), "bounds": bounds, "epsilon": self.epsilon, "gamma": self.gamma,
-                       "projection_rank": None if self.projection is None else int(self.projection.shape[1]),
-                       "pool": pool, "batch_size": self.batch_size, "dtype": str(dtype).replace("torch.", "")},
-        }
-        self._prepared: dict[tuple[int, ...], Prepared] = {}
-        self.batched_backward = True  # one vmap'ed backward per seed chunk; False: the input repeated per seed
+        self._traced, n_lin, self._prepared_cache = _traced(model, dtype)
+        o = check_options(n_lin, rule, input_rule, bounds, epsilon, gamma, projection, pool, batch_size, dtype)
+        self.rules, self.bounds, self.epsilon, self.gamma = o.rules, o.bounds, o.epsilon, o.gamma
+        self.pool, self.batch_size, self.projection, self.meta = o.pool, o.batch_size, o.projection, o.meta
+        # False (default): the inputs repeated once per seed along the batch axis, one backward per
+        # chunk; True: one forward and a vmapped backward per chunk (slower on CPU: torch's vmap rule for
+        # convolutions loops over the seeds)
+        self.batched_backward = False
+        # Linear/Conv rules through ``prepare.DirectRule`` (False: zennit's own hook plumbing; same values)
+        self.direct = True
 
     # -- public ------------------------------------------------------------------------------
 
@@ -88,8 +99,9 @@ class BiLRP:
     def explain(self, x: np.ndarray | torch.Tensor, x_other: np.ndarray | torch.Tensor) -> BiLRPResult:
         """Pair relevances R_{ii'} = sum_m R_i(phi_m; x) R_{i'}(phi_m; x') for one pair (no batch axis).
 
-        A pair whose embeddings share no active dimension (similarity 0 without projection) gets an
-        all-zero explanation: no seed has relevance to propagate."""
+        Each input goes through one forward and one backward per chunk of seeds (the input repeated
+        once per seed along the batch axis; see ``_lrp``). A pair whose embeddings share no active dimension (similarity
+        0 without projection) gets an all-zero explanation: no seed has relevance to propagate."""
         xa, xb = self._as_input(x), self._as_input(x_other)
         if self.rules[0] == "zb":
             for name, t in (("x", xa), ("x_other", xb)):
@@ -97,10 +109,10 @@ class BiLRP:
                 if bool((t < lo).any() or (t > hi).any()):
                     raise ValueError(f"{name} has values outside the z^B bounds {self.bounds}: widen the bounds "
                                      "to the input's range")
-        prep_a, prep_b = self._prepare(xa), self._prepare(xb)
+        prep_a = self._prepare(xa)
+        prep_b = prep_a if xa.shape == xb.shape else self._prepare(xb)
         with torch.no_grad():
-            phi_a = prep_a.module(xa)[0].reshape(-1)
-            phi_b = prep_b.module(xb)[0].reshape(-1)
+            phi_a, phi_b = self._forward(prep_a, xa)[0], self._forward(prep_b, xb)[0]
         D = phi_a.numel()
         P = self.projection
         if P is not None:
@@ -116,8 +128,11 @@ class BiLRP:
             seeds_a, seeds_b = eye * phi_a, eye * phi_b
             explained = float(phi_a @ phi_b)
         in_a, in_b = tuple(xa.shape[1:]), tuple(xb.shape[1:])
-        ra = self._lrp(prep_a, xa, seeds_a)
-        rb = self._lrp(prep_b, xb, seeds_b)
+        # one pass per input (its seeds as copies along the batch axis): every number computed for x is
+        # independent of the input it is paired with (a batch of both would let the convolution's
+        # algorithm, and with it the rounding of near-zero pre-activations, depend on the partner)
+        ra = self._lrp(prep_a, xa, seeds_a[:, None])[:, 0]
+        rb = self._lrp(prep_b, xb, seeds_b[:, None])[:, 0]
         fa, fb = ra.reshape(ra.shape[0], int(np.prod(in_a))), rb.reshape(rb.shape[0], int(np.prod(in_b)))
         pa, grid_a, pool_used = _pool_rows(ra, in_a, self.pool)
         pb, grid_b, _ = _pool_rows(rb, in_b, self.pool)
@@ -139,9 +154,9 @@ class BiLRP:
         xa = self._as_input(x)
         prep = self._prepare(xa)
         with torch.no_grad():
-            phi = prep.module(xa)[0].reshape(-1)
+            phi = self._forward(prep, xa)[0]
         S = torch.diag(phi) if seeds is None else torch.as_tensor(np.asarray(seeds), dtype=self.dtype)
-        return self._lrp(prep, xa, S).numpy()
+        return self._lrp(prep, xa, S[:, None])[:, 0].numpy()
 
     def rewrites(self, x: np.ndarray | torch.Tensor) -> list[str]:
         """What the preparation did to the model for inputs shaped like ``x``: each traced call given an
@@ -155,14 +170,32 @@ class BiLRP:
         return t.unsqueeze(0)
 
     def _prepare(self, x: torch.Tensor) -> Prepared:
-        key = tuple(x.shape)
-        if key not in self._prepared:
-            self._prepared[key] = prepare(self._traced, x, self.rules, epsilon=self.epsilon, gamma=self.gamma,
-                                          dtype=self.dtype)
-        return self._prepared[key]
+        key = (tuple(x.shape), tuple(self.rules), self.epsilon, self.gamma, self.direct)
+        with _CACHE_LOCK:
+            prep = self._prepared_cache.get(key)
+        if prep is None:
+            prep = prepare(self._traced, x, self.rules, epsilon=self.epsilon, gamma=self.gamma, dtype=self.dtype,
+                           direct=self.direct)
+            with _CACHE_LOCK:
+                prep = self._prepared_cache.setdefault(key, prep)
+        return prep
+
+    @staticmethod
+    def _check_batch(prep: Prepared, y: torch.Tensor, n: int) -> None:
+        """The model must keep the batch axis: n inputs give n outputs of the one-example shape (a
+        forward that flattens the batch axis away would mix the copies' relevances)."""
+        if prep.out_shape and tuple(y.shape) != (n, *prep.out_shape[1:]):
+            raise TypeError(f"the model maps a batch of {n} inputs to shape {tuple(y.shape)}, not "
+                               f"{(n, *prep.out_shape[1:])}: BiLRP needs a forward that keeps the batch axis")
+
+    def _forward(self, prep: Prepared, x: torch.Tensor) -> torch.Tensor:
+        """phi of a batch of inputs (n, *shape) -> (n, dim(phi)), without hooks."""
+        y = prep.module(x)
+        self._check_batch(prep, y, x.shape[0])
+        return y.reshape(x.shape[0], -1)
 
     def _input_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The z^B bounds broadcast to the input x (1, *input_shape)."""
+        """The z^B bounds broadcast to the input x (n, *input_shape)."""
         lo, hi = self.bounds
         try:
             lo = torch.as_tensor(np.asarray(lo), dtype=self.dtype) * torch.ones_like(x)
@@ -185,37 +218,62 @@ class BiLRP:
         prep.bounds.low, prep.bounds.high = captured[0], captured[1]
 
     def _lrp(self, prep: Prepared, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        """LRP of input x (1, *shape) for a batch of output seeds (M, dim(phi)) -> (M, *shape): zennit's
-        rules hooked on the prepared model, the seeds fed as output gradients in chunks of batch_size."""
-        M = seeds.shape[0]
+        """LRP of the inputs x (n, *shape) for output seeds (M, n, dim(phi)) -> (M, n, *shape): zennit's
+        rules hooked on the prepared model, the seeds fed as output gradients, a chunk at a time.
+
+        Default: the n inputs repeated once per seed of the chunk along the batch axis (c copies of n
+        examples), one forward and one backward per chunk; the Linear/Conv rules compute their forward
+        and their z's on the n distinct examples only (``prepare.DirectRule``). ``batched_backward =
+        True``: one forward of the n inputs and a vmapped backward per chunk instead."""
+        M, n = seeds.shape[0], x.shape[0]
         if M == 0:
-            return torch.zeros(0, *x.shape[1:], dtype=self.dtype)
+            return torch.zeros(0, *x.shape, dtype=self.dtype)
+        with prep.lock:
+            if self.batched_backward:
+                try:
+                    return self._lrp_vmapped(prep, x, seeds)
+                except RuntimeError as exc:  # an op without a batching rule: redo it exactly, unbatched
+                    warnings.warn(f"BiLRP: the batched backward failed ({exc}); falling back to one forward of "
+                                  "the input repeated per seed", RuntimeWarning, stacklevel=3)
+                    self.batched_backward = False
+            if self.rules[0] == "zb":
+                self._set_bounds(prep, x)  # bounds of the n distinct examples (the rule runs on those)
+            # copies per pass: batch_size seeds, fewer where their activations would pass ~1 GiB
+            per_copy = max(1, 3 * n * prep.per_example_bytes)
+            chunk_size = max(1, min(self.batch_size, (1 << 30) // per_copy))
+            out: list[torch.Tensor] = []
+            prep.copies.n = n
+            try:
+                with prep.composite.context(prep.module) as model:
+                    for s in range(0, M, chunk_size):
+                        chunk = seeds[s:s + chunk_size]
+                        c = chunk.shape[0]
+                        xi = x.unsqueeze(0).expand(c, *x.shape).reshape(c * n, *x.shape[1:]).clone()
+                        if self.rules[0] == "zb" and not self.direct:  # zennit's hooks run on every copy
+                            self._set_bounds(prep, xi)
+                        xi.requires_grad_(True)
+                        y = model(xi)
+                        self._check_batch(prep, y, c * n)
+                        g, = torch.autograd.grad(y, xi, grad_outputs=chunk.reshape(y.shape))
+                        out.append(g.reshape(c, *x.shape))
+            finally:
+                prep.copies.n = None
+            return torch.cat(out).detach()
+
+    def _lrp_vmapped(self, prep: Prepared, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        M = seeds.shape[0]
         if self.rules[0] == "zb":
             self._set_bounds(prep, x)
         out: list[torch.Tensor] = []
         with prep.composite.context(prep.module) as model:
-            if self.batched_backward:
-                xi = x.clone().requires_grad_(True)
-                y = model(xi)
-                for s in range(0, M, self.batch_size):
-                    chunk = seeds[s:s + self.batch_size]
-                    try:
-                        g, = torch.autograd.grad(y, xi, grad_outputs=chunk.reshape(chunk.shape[0], *y.shape),
-                                                 retain_graph=True, is_grads_batched=True)
-                    except RuntimeError as exc:  # an op without a batching rule: redo it exactly, unbatched
-                        warnings.warn(f"BiLRP: the batched backward failed ({exc}); falling back to one "
-                                      "forward of the input repeated per seed", RuntimeWarning, stacklevel=3)
-                        self.batched_backward = False
-                        break
-                    out.append(g[:, 0])
-            if not self.batched_backward:
-                out = []
-                for s in range(0, M, self.batch_size):
-                    chunk = seeds[s:s + self.batch_size]
-                    xi = x.expand(chunk.shape[0], *x.shape[1:]).clone().requires_grad_(True)
-                    y = model(xi)
-                    g, = torch.autograd.grad(y, xi, grad_outputs=chunk.reshape(y.shape))
-                    out.append(g)
+            xi = x.clone().requires_grad_(True)
+            y = model(xi)
+            self._check_batch(prep, y, x.shape[0])
+            for s in range(0, M, self.batch_size):
+                chunk = seeds[s:s + self.batch_size]
+                g, = torch.autograd.grad(y, xi, grad_outputs=chunk.reshape(chunk.shape[0], *y.shape),
+                                         retain_graph=True, is_grads_batched=True)
+                out.append(g)
         return torch.cat(out).detach()
 
 
