@@ -87,15 +87,20 @@ def mem() -> dict[str, float]:
 
 
 # ---- data ------------------------------------------------------------------------------------------
-def make_data(d: Path, n: int, dim: int, nq: int, n_base: int) -> None:
+def make_data(d: Path, n: int, dim: int, nq: int, n_base: int, regenerate: bool = False) -> None:
     """X.npy (n, dim) memory-mapped, Q.npy (nq, dim): real digits gradients -> rescaled + noise, normalized."""
     from bench_search import base_vectors
     from tqdm import tqdm
 
     meta = {"n": n, "dim": dim, "nq": nq, "n_base": n_base, "version": 1}
-    if (d / "meta.json").exists() and json.loads((d / "meta.json").read_text()) == meta:
-        print(f"data: reusing {d / 'X.npy'}", flush=True)
-        return
+    if (d / "meta.json").exists():
+        have = json.loads((d / "meta.json").read_text())
+        if have == meta:
+            print(f"data: reusing {d / 'X.npy'}", flush=True)
+            return
+        if not regenerate:  # never delete gigabytes of generated data by accident
+            raise SystemExit(f"{d} holds other data ({have}, this run asks for {meta}): pass matching --n/--queries, "
+                             "another --data, or --rebuild to regenerate it.")
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     t = time.perf_counter()
@@ -354,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated phases to measure now: flat, ivf, pca, hnsw, milvus "
                     "(default all) or 'report'; the table shows every phase recorded in results.json for this data, "
                     "so a full run can be measured phase by phase (each under the bench lock)")
+    ap.add_argument("--build-only", action="store_true", help="build (or check) the stores of the --only phases "
+                    "without measuring them (a niced build outside the bench lock; measure later under it)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild stores and recompute the exact top-10 even when "
                     "matching ones exist")
     ap.add_argument("--phase", default="", help=argparse.SUPPRESS)
@@ -361,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     q = args.quick
     args.n = args.n or (20_000 if q else 1_000_000)
+    data = args.data or (ROOT / "benchmarks" / "out" / ("scale_quick" if q else "scale"))
+    if args.queries is None and (data / "meta.json").exists():  # the existing data's queries (no regeneration)
+        have = json.loads((data / "meta.json").read_text())
+        args.queries = have["nq"] if have.get("n") == (args.n or (20_000 if q else 1_000_000)) else None
     args.queries = args.queries or (200 if q else 1000)
     args.hnsw_n = min(args.n, args.hnsw_n or (args.n if q else 100_000))
     args.milvus_n = min(args.n, args.milvus_n or (5_000 if q else 20_000))
@@ -386,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"not enough disk under {args.data}: {free / GiB:.0f} GiB free, ~{need / GiB:.0f} GiB needed; "
                          "pass a smaller --n.")
     args.data.mkdir(parents=True, exist_ok=True)
-    make_data(args.data, args.n, args.dim, args.queries, 600 if q else 10_000)
+    make_data(args.data, args.n, args.dim, args.queries, 600 if q else 10_000, args.rebuild)
     only = PHASE_NAMES if not args.only or args.only == "all" else tuple(x.strip() for x in args.only.split(","))
     bad = sorted(set(only) - set(PHASE_NAMES) - {"report"})
     if bad:
@@ -416,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault("machine_runs", []).append(m)
         return m
 
-    measured = [p for p in only if p != "report"]
+    measured = [] if args.build_only else [p for p in only if p != "report"]
     if measured:
         print(f"phases measured in this invocation: {', '.join(measured)} (load at start {os.getloadavg()[0]:.2f})",
               flush=True)
@@ -436,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         if not b.get("reused"):
             print(f"{b['factory']} (n={b['n']:,}): build {b['build_s']:.0f} s, peak RSS {b['build_peak_gib']:.2f} GiB, "
                   f"codes {b['codes_gib']:.2f} GiB, on disk {b['disk_gib']:.2f} GiB", flush=True)
+        if args.build_only:
+            continue
         s = run_phase("serve", args, which)
         results[which] = {"build": b, "serve": s, **stamp()}
         save()
