@@ -351,8 +351,8 @@ def recall_vs_flat(workdir: Path, Xq: np.ndarray) -> None:
 
     a, b = open_index(workdir, "bench"), open_index(workdir, "bench_ts")
     V = a.embed(Xq)
-    S0, I0 = a.search(V, 10)
-    S1, I1 = b.search(V, 10)
+    r0, r1 = a.search(V, 10), b.search(V, 10)
+    S0, I0, S1, I1 = r0.scores, r0.ids, r1.scores, r1.ids
     spec = b.describe().faiss_params
     print(f"bench_ts ({spec.get('factory')}, nprobe {spec.get('nprobe')}, rerank {spec.get('rerank')}): recall@10 "
           f"against the flat index on {len(Xq)} held-out digits {recall_at_k(I1, I0, 10):.4f} (build-time recall "
