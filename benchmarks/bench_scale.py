@@ -215,7 +215,10 @@ def phase_build(d: Path, args: argparse.Namespace) -> dict:
             print(f"  reusing the existing store {out} (store.json matches: {factory}, n={n:,}, d={X.shape[1]}, "
                   f"grad_cos); not rebuilt (--rebuild to rebuild); build figures are "
                   + (f"those recorded at its build ({rec.get('when', '?')})" if rec else "not recorded"), flush=True)
-            return {"build_s": rec.get("build_s"), "n": n, "factory": factory,
+            if rec:
+                print(f"  recorded build: {rec['build_s']:.0f} s, peak RSS {rec['build_peak_gib']:.2f} GiB, load "
+                      f"{rec.get('load', float('nan')):.1f}, nice {rec.get('nice', '?')}", flush=True)
+            return {"build_s": rec.get("build_s"), "n": n, "factory": factory, "build_record": rec,
                     "build_peak_gib": rec.get("build_peak_gib"), "disk_gib": disk / GiB, "reused": True,
                     "codes_gib": (out / "candidates.faiss").stat().st_size / GiB}
         print(f"  the existing {out / 'store.json'} does not match ({have}): rebuilding", flush=True)
@@ -237,7 +240,7 @@ def phase_build(d: Path, args: argparse.Namespace) -> dict:
     peak = mem()["VmHWM"]
     (out / "bench_build.json").write_text(json.dumps({"build_s": build_s, "build_peak_gib": peak,
                                                       "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                                      "load": os.getloadavg()[0]}))
+                                                      "load": os.getloadavg()[0], "nice": os.nice(0)}))
     disk = sum(p.stat().st_size for p in out.iterdir())
     return {"build_s": build_s, "n": n, "factory": factory, "build_peak_gib": peak, "disk_gib": disk / GiB,
             "codes_gib": (out / "candidates.faiss").stat().st_size / GiB, "reused": False}
@@ -500,6 +503,13 @@ def report(results: dict, args: argparse.Namespace) -> None:
         print(f"{name:<44} {n:>9,} {bstr} {r['b1_qps']:>9.1f} {r['b1_qps'] / flat['b1_qps']:>8.0f} "
               f"{r['b64_qps']:>9.1f} {r['b64_qps'] / flat['b64_qps']:>7.1f} {r['recall']:>9.4f} {m['VmRSS']:>8.2f} "
               f"{m['RssAnon']:>6.2f} {m['RssFile']:>6.2f} {src['when'][11:16]:>16} {src['load'][0]:>5.2f}")
+    for which in ("ivf", "pca", "hnsw"):
+        rec = results.get(which, {}).get("build", {})
+        if rec.get("reused"):
+            br = rec.get("build_record") or {}
+            print(f"{rec['factory']}: store reused; build " + (f"{br['build_s']:.0f} s (peak RSS "
+                  f"{br['build_peak_gib']:.2f} GiB) recorded {br.get('when')} at load {br.get('load', float('nan')):.1f}"
+                  f", nice {br.get('nice', '?')}" if br else "time not recorded (built before the record existed)"))
     if any(bs is None for _, _, bs, _, _ in table):
         print("(n/r: build time not recorded: the store was reused from a build that predates the record)")
     ok = [name for name, n, _, r, _ in table if "rerank" in name and n == args.n and "rerank=0" not in name
