@@ -223,7 +223,7 @@ def phase_build(d: Path, args: argparse.Namespace) -> dict:
                   + (f"those recorded at its build ({rec.get('when', '?')})" if rec else "not recorded"), flush=True)
             if rec:
                 print(f"  recorded build: {rec['build_s']:.0f} s, peak RSS {rec['build_peak_gib']:.2f} GiB, load "
-                      f"{rec.get('load', float('nan')):.1f}, nice {rec.get('nice', '?')}", flush=True)
+                      f"{rec.get('load', 'not recorded')}, nice {rec.get('nice', 'not recorded')}", flush=True)
             return {"build_s": rec.get("build_s"), "n": n, "factory": factory, "build_record": rec,
                     "build_peak_gib": rec.get("build_peak_gib"), "disk_gib": disk / GiB, "reused": True,
                     "codes_gib": (out / "candidates.faiss").stat().st_size / GiB}
@@ -514,8 +514,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
         if rec.get("reused"):
             br = rec.get("build_record") or {}
             print(f"{rec['factory']}: store reused; build " + (f"{br['build_s']:.0f} s (peak RSS "
-                  f"{br['build_peak_gib']:.2f} GiB) recorded {br.get('when')} at load {br.get('load', float('nan')):.1f}"
-                  f", nice {br.get('nice', '?')}" if br else "time not recorded (built before the record existed)"))
+                  f"{br['build_peak_gib']:.2f} GiB) recorded {br.get('when')} at load {br.get('load', 'not recorded')}"
+                  f", nice {br.get('nice', 'not recorded')}" if br else "time not recorded (built before the record existed)"))
     if any(bs is None for _, _, bs, _, _ in table):
         print("(n/r: build time not recorded: the store was reused from a build that predates the record)")
     ok = [name for name, n, _, r, _ in table if "rerank" in name and n == args.n and "rerank=0" not in name
