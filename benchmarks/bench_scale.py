@@ -25,6 +25,13 @@ one thread, resident memory <= 3 GiB.
 
     python benchmarks/bench_scale.py            # full run (1M x 2,048; ~17 GB disk; tens of minutes)
     python benchmarks/bench_scale.py --quick    # 20,000 x 2,048 (about a minute)
+    python benchmarks/bench_scale.py --only flat,pca   # measure some phases now (e.g. one per bench-lock hold)
+    python benchmarks/bench_scale.py --only report     # the table of every phase recorded for this data
+
+Data, exact top-10 and stores are reused when they match (``meta.json``; ``truth*.npy`` newer than the
+queries; a store whose ``store.json`` names the same factory, count, dimension and kernel), and
+the output says so; ``--rebuild`` rebuilds. Each phase's figures are recorded in ``results.json``
+with the time and the load average when measured; the table shows all of them.
 """
 
 from __future__ import annotations
@@ -48,7 +55,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 GiB = 2**30
 CHUNK = 65536
 IVF_SETTINGS = [(8, 0), (8, 200), (16, 200), (32, 500)]  # (nprobe, rerank)
+# PCA256 codes: stage 1 is cheap, stage-1 recall is what needs the candidates; nprobe 12-16 with rerank 300
+# is the setting that reaches recall@10 >= 0.99 at >= 200 q/s (measured alone before this grid)
+PCA_SETTINGS = [(8, 0), (8, 200), (12, 300), (16, 300), (16, 500), (32, 500)]
 HNSW_SETTINGS = [(64, 0), (64, 200), (128, 500)]  # (efSearch, rerank); efSearch is raised to rerank
+SETTINGS = {"ivf": IVF_SETTINGS, "pca": PCA_SETTINGS, "hnsw": HNSW_SETTINGS}
+PHASE_NAMES = ("flat", "ivf", "pca", "hnsw", "milvus")  # what --only selects (the machine figures run every time)
 
 
 def pin(threads: int) -> None:
@@ -75,15 +87,20 @@ def mem() -> dict[str, float]:
 
 
 # ---- data ------------------------------------------------------------------------------------------
-def make_data(d: Path, n: int, dim: int, nq: int, n_base: int) -> None:
+def make_data(d: Path, n: int, dim: int, nq: int, n_base: int, regenerate: bool = False) -> None:
     """X.npy (n, dim) memory-mapped, Q.npy (nq, dim): real digits gradients -> rescaled + noise, normalized."""
     from bench_search import base_vectors
     from tqdm import tqdm
 
     meta = {"n": n, "dim": dim, "nq": nq, "n_base": n_base, "version": 1}
-    if (d / "meta.json").exists() and json.loads((d / "meta.json").read_text()) == meta:
-        print(f"data: reusing {d / 'X.npy'}", flush=True)
-        return
+    if (d / "meta.json").exists():
+        have = json.loads((d / "meta.json").read_text())
+        if have == meta:
+            print(f"data: reusing {d / 'X.npy'}", flush=True)
+            return
+        if not regenerate:  # never delete gigabytes of generated data by accident
+            raise SystemExit(f"{d} holds other data ({have}, this run asks for {meta}): pass matching --n/--queries, "
+                             "another --data, or --rebuild to regenerate it.")
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     t = time.perf_counter()
@@ -137,13 +154,26 @@ def phase_truth(d: Path, args: argparse.Namespace) -> dict:
     X, Q = load(d)
     n = len(X)
     ex = ExactSearcher(X, np.arange(n, dtype=np.int64))
-    t = time.perf_counter()
-    S, I = ex.search(Q, 10)
-    t_all = time.perf_counter() - t
-    np.save(d / "truth.npy", I)
-    for sub in sorted({args.hnsw_n, args.milvus_n}):
-        if sub < n:
+    subs = [sub for sub in sorted({args.hnsw_n, args.milvus_n}) if sub < n]
+    have = [d / "truth.npy"] + [d / f"truth_{sub}.npy" for sub in subs]
+    if not args.rebuild and all(p.exists() and p.stat().st_mtime >= (d / "Q.npy").stat().st_mtime
+                                and np.load(p).shape == (len(Q), 10) for p in have):
+        t_all = None  # exact top-10 of these queries over these vectors, computed by an earlier run
+        print(f"  reusing the exact top-10 of {len(Q)} queries ({', '.join(p.name for p in have)}, newer than "
+              "Q.npy); --rebuild recomputes", flush=True)
+    else:
+        t = time.perf_counter()
+        S, I = ex.search(Q, 10)
+        t_all = time.perf_counter() - t
+        np.save(d / "truth.npy", I)
+        for sub in subs:
             np.save(d / f"truth_{sub}.npy", ExactSearcher(X[:sub], np.arange(sub, dtype=np.int64)).search(Q, 10)[1])
+    t = time.perf_counter()
+    with open(d / "X.npy", "rb") as fh:  # the timed scans read the page cache, as the stores' phases do
+        while fh.read(64 << 20):
+            pass
+    print(f"  page cache warmed with X.npy ({(d / 'X.npy').stat().st_size / GiB:.2f} GiB) in "
+          f"{time.perf_counter() - t:.0f} s", flush=True)
     b1 = [median_time(lambda q=q: ex.search(q[None], 10), 1, warmup=0) for q in Q[:args.flat_b1]]
     b64 = median_time(lambda: ex.search(Q[:64], 10), 3, warmup=0)
     return {"truth_s": t_all, "b1_qps": 1 / statistics.median(b1), "b64_qps": 64 / b64, "recall": 1.0, "build_s": 0.0,
@@ -181,6 +211,23 @@ def phase_build(d: Path, args: argparse.Namespace) -> dict:
     factory = {"ivf": args.ivf, "pca": args.pca, "hnsw": args.hnsw}[args.which]
     spec = IndexSpec(factory=factory, rerank=200, train_sample=args.train_sample)
     out = d / f"store_{args.which}"
+    want = {"backend": "twostage", "count": n, "dim": X.shape[1], "factory": factory, "kernel": "grad_cos"}
+    if (out / "store.json").exists() and not args.rebuild:
+        have = json.loads((out / "store.json").read_text())
+        if {k: have.get(k) for k in want} == want and all((out / f).exists() for f in ("candidates.faiss",
+                                                                                        "vectors.f32", "ids.npy")):
+            rec = json.loads((out / "bench_build.json").read_text()) if (out / "bench_build.json").exists() else {}
+            disk = sum(p.stat().st_size for p in out.iterdir())
+            print(f"  reusing the existing store {out} (store.json matches: {factory}, n={n:,}, d={X.shape[1]}, "
+                  f"grad_cos); not rebuilt (--rebuild to rebuild); build figures are "
+                  + (f"those recorded at its build ({rec.get('when', '?')})" if rec else "not recorded"), flush=True)
+            if rec:
+                print(f"  recorded build: {rec['build_s']:.0f} s, peak RSS {rec['build_peak_gib']:.2f} GiB, load "
+                      f"{rec.get('load', 'not recorded')}, nice {rec.get('nice', 'not recorded')}", flush=True)
+            return {"build_s": rec.get("build_s"), "n": n, "factory": factory, "build_record": rec,
+                    "build_peak_gib": rec.get("build_peak_gib"), "disk_gib": disk / GiB, "reused": True,
+                    "codes_gib": (out / "candidates.faiss").stat().st_size / GiB}
+        print(f"  the existing {out / 'store.json'} does not match ({have}): rebuilding", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     w = TwoStageWriter(out, spec, "grad_cos", X.shape[1], n)
@@ -196,9 +243,13 @@ def phase_build(d: Path, args: argparse.Namespace) -> dict:
         w.add(V, ids)
     w.finish()
     build_s = time.perf_counter() - t
+    peak = mem()["VmHWM"]
+    (out / "bench_build.json").write_text(json.dumps({"build_s": build_s, "build_peak_gib": peak,
+                                                      "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                                      "load": os.getloadavg()[0], "nice": os.nice(0)}))
     disk = sum(p.stat().st_size for p in out.iterdir())
-    return {"build_s": build_s, "n": n, "factory": factory, "build_peak_gib": mem()["VmHWM"], "disk_gib": disk / GiB,
-            "codes_gib": (out / "candidates.faiss").stat().st_size / GiB}
+    return {"build_s": build_s, "n": n, "factory": factory, "build_peak_gib": peak, "disk_gib": disk / GiB,
+            "codes_gib": (out / "candidates.faiss").stat().st_size / GiB, "reused": False}
 
 
 def _measure(search, Q: np.ndarray, I_true: np.ndarray, nb1: int) -> dict:
@@ -233,7 +284,7 @@ def phase_serve(d: Path, args: argparse.Namespace) -> dict:
           "(OS cache, outside this process's resident set)", flush=True)
     st = TwoStageStore(d / f"store_{args.which}", IndexSpec(factory="x", rerank=200), "grad_cos", Q.shape[1])
     rows = []
-    settings = HNSW_SETTINGS if args.which == "hnsw" else IVF_SETTINGS
+    settings = SETTINGS[args.which]
     if args.settings:  # "nprobe_or_ef:rerank,..." (a re-measurement of one store)
         settings = [tuple(int(v) for v in x.split(":")) for x in args.settings.split(",")]
     for p, r in settings:
@@ -285,6 +336,8 @@ def run_phase(name: str, args: argparse.Namespace, which: str = "") -> dict:
               "b1_queries",
               "flat_b1", "milvus_queries"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    if args.rebuild:
+        cmd.append("--rebuild")
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     lines = p.stdout.strip().splitlines()
     for line in lines[:-1]:
@@ -312,11 +365,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--milvus-queries", type=int, default=200)
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--settings", default="", help="serve phase only: 'param:rerank,...' instead of the defaults")
+    ap.add_argument("--only", default="", help="comma-separated phases to measure now: flat, ivf, pca, hnsw, milvus "
+                    "(default all) or 'report'; the table shows every phase recorded in results.json for this data, "
+                    "so a full run can be measured phase by phase (each under the bench lock)")
+    ap.add_argument("--build-only", action="store_true", help="build (or check) the stores of the --only phases "
+                    "without measuring them (a niced build outside the bench lock; measure later under it)")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild stores and recompute the exact top-10 even when "
+                    "matching ones exist")
     ap.add_argument("--phase", default="", help=argparse.SUPPRESS)
     ap.add_argument("--which", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     q = args.quick
     args.n = args.n or (20_000 if q else 1_000_000)
+    data = args.data or (ROOT / "benchmarks" / "out" / ("scale_quick" if q else "scale"))
+    if args.queries is None and (data / "meta.json").exists():  # the existing data's queries (no regeneration)
+        have = json.loads((data / "meta.json").read_text())
+        args.queries = have["nq"] if have.get("n") == (args.n or (20_000 if q else 1_000_000)) else None
     args.queries = args.queries or (200 if q else 1000)
     args.hnsw_n = min(args.n, args.hnsw_n or (args.n if q else 100_000))
     args.milvus_n = min(args.n, args.milvus_n or (5_000 if q else 20_000))
@@ -342,57 +406,122 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"not enough disk under {args.data}: {free / GiB:.0f} GiB free, ~{need / GiB:.0f} GiB needed; "
                          "pass a smaller --n.")
     args.data.mkdir(parents=True, exist_ok=True)
-    make_data(args.data, args.n, args.dim, args.queries, 600 if q else 10_000)
-    mach = run_phase("machine", args)
-    print(f"machine (start of run): memory bandwidth {mach['bandwidth_gbs']:.1f} GB/s (sum-read "
-          f"{mach['read_gbs']:.1f}, copy {mach['copy_gbs']:.1f}), fp32 GEMM {mach['gemm_gflops']:.0f} GFLOP/s (2048^3), "
-          f"{args.threads} thread(s)",
-          flush=True)
-    flat = run_phase("truth", args)
+    make_data(args.data, args.n, args.dim, args.queries, 600 if q else 10_000, args.rebuild)
+    only = PHASE_NAMES if not args.only or args.only == "all" else tuple(x.strip() for x in args.only.split(","))
+    bad = sorted(set(only) - set(PHASE_NAMES) - {"report"})
+    if bad:
+        raise SystemExit(f"--only: unknown phase(s) {', '.join(bad)}; choose from {', '.join(PHASE_NAMES)}, report")
+    out = args.data / "results.json"
+    key = {"n": args.n, "dim": args.dim, "queries": args.queries, "threads": args.threads,
+           "hnsw_n": args.hnsw_n, "milvus_n": args.milvus_n}
+    results: dict = {}
+    if out.exists():
+        old = json.loads(out.read_text())
+        if old.get("key") == key:  # the phases of this benchmark measured by earlier invocations (same data, sizes)
+            results = old
+    results["key"] = key
+
+    def stamp() -> dict:
+        return {"when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load": list(os.getloadavg())}
+
+    def save() -> None:
+        out.write_text(json.dumps(results, indent=1))
+
+    def machine(label: str) -> dict:
+        m = {**run_phase("machine", args), **stamp(), "label": label, "phases": [p for p in only if p != "report"]}
+        print(f"machine ({label} of this invocation, load {m['load'][0]:.2f}): memory bandwidth "
+              f"{m['bandwidth_gbs']:.1f} GB/s (sum-read {m['read_gbs']:.1f}, copy {m['copy_gbs']:.1f}), fp32 GEMM "
+              f"{m['gemm_gflops']:.0f} GFLOP/s (2048^3), {args.threads} thread(s)", flush=True)
+        if m["phases"]:
+            results.setdefault("machine_runs", []).append(m)
+        return m
+
+    measured = [] if args.build_only else [p for p in only if p != "report"]
+    if measured:
+        print(f"phases measured in this invocation: {', '.join(measured)} (load at start {os.getloadavg()[0]:.2f})",
+              flush=True)
+        machine("start")
+    if "flat" in only:
+        flat = {**run_phase("truth", args), **stamp()}
+        results["flat"] = flat
+        save()
+        print("flat exact (GEMM + top-k over the memory-mapped vectors): "
+              + (f"truth for {args.queries} queries in {flat['truth_s']:.0f} s; " if flat["truth_s"] else "")
+              + f"batch1 {flat['b1_qps']:.2f} q/s, batch64 {flat['b64_qps']:.1f} q/s; RSS {flat['mem']['VmRSS']:.2f} "
+              f"GiB (file-backed {flat['mem']['RssFile']:.2f})", flush=True)
+    for which in ("ivf", "pca", "hnsw"):
+        if which not in only:
+            continue
+        b = run_phase("build", args, which)
+        if not b.get("reused"):
+            print(f"{b['factory']} (n={b['n']:,}): build {b['build_s']:.0f} s, peak RSS {b['build_peak_gib']:.2f} GiB, "
+                  f"codes {b['codes_gib']:.2f} GiB, on disk {b['disk_gib']:.2f} GiB", flush=True)
+        if args.build_only:
+            continue
+        s = run_phase("serve", args, which)
+        results[which] = {"build": b, "serve": s, **stamp()}
+        save()
+    if "milvus" in only:
+        results["milvus"] = {**run_phase("milvus", args), **stamp()}
+        save()
+    if measured:
+        machine("end")
+        save()
+    report(results, args)
+    return 0
+
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    """The table of every phase recorded in results.json for this data (this invocation's and earlier ones')."""
+    runs = results.get("machine_runs", [])
+    if not runs or "flat" not in results:
+        print("\n(no table yet: run the flat phase and at least one machine measurement first)")
+        return
+    print("\nmachine measurements (each invocation measures at its start and end; the machine is shared, "
+          "so the peak is the machine's figure):")
+    for m in runs:
+        print(f"  {m['when']} ({m['label']}, phases {','.join(m['phases'])}, load {m['load'][0]:.2f}): "
+              f"{m['bandwidth_gbs']:.1f} GB/s, {m['gemm_gflops']:.0f} GFLOP/s")
+    bw, gemm = max(m["bandwidth_gbs"] for m in runs), max(m["gemm_gflops"] for m in runs)
+    flat = results["flat"]
     nbytes = args.n * args.dim * 4
     b1_gbs, b64_gflops = nbytes * flat["b1_qps"] / 1e9, 2 * nbytes / 4 * flat["b64_qps"] / 1e9
-    print(f"flat exact (GEMM + top-k over the memory-mapped vectors): truth for {args.queries} queries in "
-          f"{flat['truth_s']:.0f} s; batch1 {flat['b1_qps']:.2f} q/s = {b1_gbs:.1f} GB/s "
-          f"({b1_gbs / mach['bandwidth_gbs']:.2f}x bandwidth); batch64 {flat['b64_qps']:.1f} q/s = {b64_gflops:.0f} "
-          f"GFLOP/s ({b64_gflops / mach['gemm_gflops']:.2f}x GEMM peak); RSS {flat['mem']['VmRSS']:.2f} GiB "
-          f"(file-backed {flat['mem']['RssFile']:.2f})", flush=True)
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": mach, "flat": flat}
-    table = []
+    print(f"peaks: memory bandwidth {bw:.1f} GB/s, fp32 GEMM {gemm:.0f} GFLOP/s (1 thread)")
+    print(f"flat exact vs the machine: batch1 {flat['b1_qps']:.2f} q/s = {b1_gbs:.1f} GB/s streamed = "
+          f"{b1_gbs / bw:.2f}x measured bandwidth; batch64 {flat['b64_qps']:.1f} q/s = {b64_gflops:.0f} GFLOP/s = "
+          f"{b64_gflops / gemm:.2f}x GEMM peak")
+    table = [("flat exact (GEMM, memory-mapped)", args.n, 0.0, flat, flat)]
     for which in ("ivf", "pca", "hnsw"):
-        b = run_phase("build", args, which)
-        print(f"{b['factory']} (n={b['n']:,}): build {b['build_s']:.0f} s, peak RSS {b['build_peak_gib']:.2f} GiB, "
-              f"codes {b['codes_gib']:.2f} GiB, on disk {b['disk_gib']:.2f} GiB", flush=True)
-        s = run_phase("serve", args, which)
-        results[which] = {"build": b, "serve": s}
+        if which not in results:
+            continue
+        b, s = results[which]["build"], results[which]["serve"]
         for r in s["rows"]:
             table.append((f"{b['factory']} {'ef' if which == 'hnsw' else 'nprobe'}={r['param']} rerank={r['rerank']}",
-                          b["n"], b["build_s"], r))
-    mil = run_phase("milvus", args)
-    results["milvus"] = mil
-    end = run_phase("machine", args)  # the machine is shared: peaks again at the end, the better one is the peak
-    print(f"machine (end of run): memory bandwidth {end['bandwidth_gbs']:.1f} GB/s, fp32 GEMM {end['gemm_gflops']:.0f} "
-          f"GFLOP/s; peaks used below: {max(mach['bandwidth_gbs'], end['bandwidth_gbs']):.1f} GB/s, "
-          f"{max(mach['gemm_gflops'], end['gemm_gflops']):.0f} GFLOP/s", flush=True)
-    bw, gemm = max(mach["bandwidth_gbs"], end["bandwidth_gbs"]), max(mach["gemm_gflops"], end["gemm_gflops"])
-    results["machine_end"] = end
-    print(f"flat exact vs the machine: batch1 {b1_gbs:.1f} GB/s = {b1_gbs / bw:.2f}x bandwidth; batch64 "
-          f"{b64_gflops:.0f} GFLOP/s = {b64_gflops / gemm:.2f}x GEMM peak")
-    table.append((f"Milvus Lite FLAT ({mil['queries']} queries)", mil["n"], mil["build_s"], mil))
-    table.insert(0, ("flat exact (GEMM, memory-mapped)", args.n, 0.0, flat))
-
+                          b["n"], b["build_s"], r, results[which]))
+    if "milvus" in results:
+        mil = results["milvus"]
+        table.append((f"Milvus Lite FLAT ({mil['queries']} queries)", mil["n"], mil["build_s"], mil, mil))
     print(f"\n{'index':<44} {'n':>9} {'build s':>8} {'b1 q/s':>9} {'x flat':>8} {'b64 q/s':>9} {'x flat':>7} "
-          f"{'recall@10':>9} {'RSS GiB':>8} {'anon':>6} {'file':>6}")
-    for name, n, bs, r in table:
+          f"{'recall@10':>9} {'RSS GiB':>8} {'anon':>6} {'file':>6} {'measured (UTC), load':>22}")
+    for name, n, bs, r, src in table:
         m = r["mem"]
-        print(f"{name:<44} {n:>9,} {bs:>8.0f} {r['b1_qps']:>9.1f} {r['b1_qps'] / flat['b1_qps']:>8.0f} "
+        bstr = f"{bs:>8.0f}" if bs is not None else f"{'n/r':>8}"
+        print(f"{name:<44} {n:>9,} {bstr} {r['b1_qps']:>9.1f} {r['b1_qps'] / flat['b1_qps']:>8.0f} "
               f"{r['b64_qps']:>9.1f} {r['b64_qps'] / flat['b64_qps']:>7.1f} {r['recall']:>9.4f} {m['VmRSS']:>8.2f} "
-              f"{m['RssAnon']:>6.2f} {m['RssFile']:>6.2f}")
-    ok = [(name, r) for name, n, _, r in table if "rerank" in name and n == args.n and "rerank=0" not in name
+              f"{m['RssAnon']:>6.2f} {m['RssFile']:>6.2f} {src['when'][11:16]:>16} {src['load'][0]:>5.2f}")
+    for which in ("ivf", "pca", "hnsw"):
+        rec = results.get(which, {}).get("build", {})
+        if rec.get("reused"):
+            br = rec.get("build_record") or {}
+            print(f"{rec['factory']}: store reused; build " + (f"{br['build_s']:.0f} s (peak RSS "
+                  f"{br['build_peak_gib']:.2f} GiB) recorded {br.get('when')} at load {br.get('load', 'not recorded')}"
+                  f", nice {br.get('nice', 'not recorded')}" if br else "time not recorded (built before the record existed)"))
+    if any(bs is None for _, _, bs, _, _ in table):
+        print("(n/r: build time not recorded: the store was reused from a build that predates the record)")
+    ok = [name for name, n, _, r, _ in table if "rerank" in name and n == args.n and "rerank=0" not in name
           and r["recall"] >= 0.99 and r["b1_qps"] >= 200 and r["mem"]["VmRSS"] <= 3]
-    print(f"\ntargets at n={args.n:,} (recall@10 >= 0.99 with re-ranking, >= 200 q/s batch 1 on {args.threads} thread, "
-          f"RSS <= 3 GiB): " + ("MET by " + "; ".join(n for n, _ in ok) if ok else "MISSED by every setting"))
-    out = args.data / "results.json"
-    out.write_text(json.dumps(results, indent=1))
+    print(f"\ntargets at n={args.n:,} (recall@10 >= 0.99 with re-ranking, >= 200 q/s batch 1 on {args.threads} "
+          "thread, RSS <= 3 GiB): " + ("MET by " + "; ".join(ok) if ok else "MISSED by every setting"))
     try:
         import matplotlib
 
@@ -400,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for name, n, _, r in table:
+        for name, n, _, r, _ in table:
             ax.scatter(r["recall"], r["b1_qps"], label=f"{name} (n={n:,})")
         ax.axhline(200, ls=":", c="grey")
         ax.axvline(0.99, ls=":", c="grey")
@@ -411,10 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_title(f"bench_scale: n={args.n:,} x {args.dim}")
         fig.tight_layout()
         fig.savefig(args.data / "bench_scale.png", dpi=100)
-        print(f"plot: {args.data / 'bench_scale.png'}; results: {out}")
+        print(f"plot: {args.data / 'bench_scale.png'}; results: {args.data / 'results.json'}")
     except Exception as exc:  # noqa: BLE001 - the plot is optional
         print(f"(no plot: {exc})")
-    return 0
 
 
 if __name__ == "__main__":
