@@ -395,11 +395,9 @@ __all__ = ["Batch", "ArrayDataset", "IterableDataset", "open_dataset", "load_pay
            "check_data_section", "FORMATS"]
 
 
-def read_jsonl_texts(path: str | Path, tf: str, lf: str | None, idf: str | None
-                     ) -> tuple[list[str], list[Any], list[str]]:
-    """Texts, labels (None where absent or no label field) and ids (the id field, else the line
-    number) of a JSONL file; a line that is not JSON or lacks the text field is a ConfigError."""
-    texts, labels, ids = [], [], []
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(0-based line number, record) of each non-blank line of a JSONL file; a line that is not JSON
+    is a ConfigError naming it (line numbers are what example ids default to)."""
     with open(path) as fh:
         for ln, line in enumerate(fh):
             if not line.strip():
@@ -408,9 +406,18 @@ def read_jsonl_texts(path: str | Path, tf: str, lf: str | None, idf: str | None
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ConfigError("data.path", f"line {ln + 1} of {path} is not JSON: {exc}") from exc
-            if tf not in rec:
-                raise ConfigError("data.text_field", f"line {ln + 1} has no field {tf!r}.")
-            texts.append(str(rec[tf]))
-            labels.append(rec.get(lf) if lf else None)
-            ids.append(str(rec[idf]) if idf and idf in rec else str(ln))
+            yield ln, rec
+
+
+def read_jsonl_texts(path: str | Path, tf: str, lf: str | None, idf: str | None
+                     ) -> tuple[list[str], list[Any], list[str]]:
+    """Texts, labels (None where absent or no label field) and ids (the id field, else the line
+    number) of a JSONL file; a line that is not JSON or lacks the text field is a ConfigError."""
+    texts, labels, ids = [], [], []
+    for ln, rec in iter_jsonl(path):
+        if tf not in rec:
+            raise ConfigError("data.text_field", f"line {ln + 1} has no field {tf!r}.")
+        texts.append(str(rec[tf]))
+        labels.append(rec.get(lf) if lf else None)
+        ids.append(str(rec[idf]) if idf and idf in rec else str(ln))
     return texts, labels, ids

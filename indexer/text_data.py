@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.data import ArrayDataset, _labels_to_int, open_dataset, read_jsonl_texts
+from indexer.data import ArrayDataset, _labels_to_int, iter_jsonl, open_dataset, read_jsonl_texts
 from indexer.errors import ConfigError
 
 
@@ -76,24 +76,17 @@ def _word_records(data: dict[str, Any]) -> tuple[list[list[str]], list[list[Any]
     path = data["path"]
     wf, lf, idf = data.get("tokens_field", "tokens"), data.get("label_field", "labels"), data.get("id_field")
     words, labels, ids = [], [], []
-    with open(path) as fh:
-        for ln, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError("data.path", f"line {ln + 1} of {path} is not JSON: {exc}") from exc
-            w, lab = rec.get(wf), rec.get(lf)
-            if not isinstance(w, list) or not w or not all(isinstance(t, str) and t.strip() for t in w):
-                raise ConfigError("data.tokens_field", f"line {ln + 1}: {wf!r} must be a non-empty list of words "
-                                                       "(non-empty strings).")
-            if not isinstance(lab, list) or len(lab) != len(w):
-                raise ConfigError("data.label_field", f"line {ln + 1}: {lf!r} must be a list of one label per word "
-                                                      f"({len(w)} words).")
-            words.append(w)
-            labels.append(lab)
-            ids.append(str(rec[idf]) if idf and idf in rec else str(ln))
+    for ln, rec in iter_jsonl(path):
+        w, lab = rec.get(wf), rec.get(lf)
+        if not isinstance(w, list) or not w or not all(isinstance(t, str) and t.strip() for t in w):
+            raise ConfigError("data.tokens_field", f"line {ln + 1}: {wf!r} must be a non-empty list of words "
+                                                   "(non-empty strings).")
+        if not isinstance(lab, list) or len(lab) != len(w):
+            raise ConfigError("data.label_field", f"line {ln + 1}: {lf!r} must be a list of one label per word "
+                                                  f"({len(w)} words).")
+        words.append(w)
+        labels.append(lab)
+        ids.append(str(rec[idf]) if idf and idf in rec else str(ln))
     if not words:
         raise ConfigError("data.path", f"{path} has no examples.")
     return words, labels, ids

@@ -235,14 +235,12 @@ def test_text_models_default_to_the_measured_projection(clf):
     assert parse_config({**cfg, "projection": {"kind": "none"}}).projection.kind == "none"
 
 
-def test_token_classification_dir_loads_and_matches_hf_loss(clf, tmp_path):
-    """A token-classification directory loads through the config; per-token targets from the client give
-    the gradient of Hugging Face's own loss, one example at a time."""
+def _save_tagger(tmp_path, clf):
+    """A random-init 3-label BERT token classifier with the classifier fixture's tokenizer, saved with
+    save_pretrained: (transformers, tokenizer, directory)."""
     import torch
 
-    from indexer.config import parse_config
-    from indexer.embedder import load_engines
-    from indexer.text import TextEncoder, TextSpec, import_transformers
+    from indexer.text import import_transformers
 
     tr = import_transformers()
     d = tmp_path / "tagger"
@@ -252,6 +250,19 @@ def test_token_classification_dir_loads_and_matches_hf_loss(clf, tmp_path):
                                                 num_attention_heads=2, intermediate_size=32, num_labels=3,
                                                 max_position_embeddings=32)).save_pretrained(str(d))
     tok.save_pretrained(str(d))
+    return tr, tok, d
+
+
+def test_token_classification_dir_loads_and_matches_hf_loss(clf, tmp_path):
+    """A token-classification directory loads through the config; per-token targets from the client give
+    the gradient of Hugging Face's own loss, one example at a time."""
+    import torch
+
+    from indexer.config import parse_config
+    from indexer.embedder import load_engines
+    from indexer.text import TextEncoder, TextSpec
+
+    tr, tok, d = _save_tagger(tmp_path, clf)
     cfg = parse_config({"model": {"name": "t", "hf_dir": str(d), "hf_kind": "token_classification",
                                   "text": {"max_length": 12}},
                         "data": {"format": "jsonl", "path": clf.dir + "/train.jsonl"}, "index": {"name": "t"}})
@@ -411,16 +422,8 @@ def test_token_classification_build_from_word_labels_matches_per_example_loop(cl
     from indexer.config import parse_config
     from indexer.errors import ConfigError
     from indexer.query import open_index
-    from indexer.text import import_transformers
 
-    tr = import_transformers()
-    d = tmp_path / "tagger"
-    torch.manual_seed(0)
-    tok = tr.AutoTokenizer.from_pretrained(clf.dir, local_files_only=True)
-    tr.BertForTokenClassification(tr.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
-                                                num_attention_heads=2, intermediate_size=32, num_labels=3,
-                                                max_position_embeddings=32)).save_pretrained(str(d))
-    tok.save_pretrained(str(d))
+    tr, tok, d = _save_tagger(tmp_path, clf)
     recs = [{"id": "a", "tokens": ["the", "film", "was", "wonderful"], "labels": ["O", "NOUN", "O", "ADJ"]},
             {"id": "b", "tokens": ["dull"], "labels": ["ADJ"]},
             {"id": "c", "tokens": ["the", "plot", "was", "dull", "and", "slow"], "labels": [0, 1, -100, 2, 0, 2]}]
@@ -437,7 +440,6 @@ def test_token_classification_build_from_word_labels_matches_per_example_loop(cl
     V, ids = idx.vectors()
     eng = idx.embedder().engines[0]
     hf = eng.model.hf
-    enc = idx.text_encoder()
     for i, r in enumerate(recs):
         # the reference alignment, by hand: [CLS] w1 ... wn [SEP], one token per word with this vocabulary
         lab = [names.index(v) if isinstance(v, str) else v for v in r["labels"]]

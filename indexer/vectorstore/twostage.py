@@ -332,32 +332,25 @@ class TwoStageStore:
 
     def _rescore(self, Q: np.ndarray, P: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Stage 2: exact inner products of each query with its candidates' stored vectors; exact top-k."""
-        m = len(Q)
+        return self._top_k_of_candidates(P, k, lambda i, pos: self.read_rows(pos) @ Q[i])
+
+    def _rescore_exact(self, E: ExactQueries, P: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 2 with exact gradients: each query's exact factors against its candidates' stored factors,
+        the exact kernel value (times the query row's sign: −1 for least-similar searches); exact top-k."""
+        return self._top_k_of_candidates(
+            P, k, lambda i, pos: exact_scores(E.records[i:i + 1], self.factors.read(pos), self.kernel)[0] * E.sign[i])
+
+    def _top_k_of_candidates(self, P: np.ndarray, k: int, score: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's exact top-k among its candidate storage positions ``P[i]`` (-1: none), scored by
+        ``score(i, positions)``; ties broken by id, so the answer does not depend on candidate order."""
+        m = len(P)
         S_out = np.full((m, k), -np.inf, dtype=np.float32)
         I_out = np.full((m, k), -1, dtype=np.int64)
         for i in range(m):
             pos = np.unique(P[i][P[i] >= 0])  # sorted: the reads go forward through the file
             if not len(pos):
                 continue
-            s = self.read_rows(pos) @ Q[i]
-            kk = min(k, len(pos))
-            top = np.argpartition(-s, kk - 1)[:kk] if len(pos) > kk else np.arange(len(pos))
-            ids, sc = self.ids[pos[top]], s[top]
-            order = np.lexsort((ids, -sc))
-            S_out[i, :kk], I_out[i, :kk] = sc[order], ids[order]
-        return S_out, I_out
-
-    def _rescore_exact(self, E: ExactQueries, P: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stage 2 with exact gradients: each query's exact factors against its candidates' stored factors,
-        the exact kernel value (times the query row's sign: −1 for least-similar searches); exact top-k."""
-        m = len(P)
-        S_out = np.full((m, k), -np.inf, dtype=np.float32)
-        I_out = np.full((m, k), -1, dtype=np.int64)
-        for i in range(m):
-            pos = np.unique(P[i][P[i] >= 0])
-            if not len(pos):
-                continue
-            s = exact_scores(E.records[i:i + 1], self.factors.read(pos), self.kernel)[0] * E.sign[i]
+            s = score(i, pos)
             kk = min(k, len(pos))
             top = np.argpartition(-s, kk - 1)[:kk] if len(pos) > kk else np.arange(len(pos))
             ids, sc = self.ids[pos[top]], s[top]
