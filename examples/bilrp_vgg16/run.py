@@ -19,8 +19,10 @@ on 256 training images is printed (and in the figure's title).
 Cost: a step of 16 images (32x32) is about 24 GFLOP (forward and backward, the 25088x4096 classifier
 layer included). On the shared 2-core machine this was written on, niced under a load of ~13, a step
 took 15-30 s: the first run reached 36 steps in 12 minutes and stayed at chance accuracy (VGG-16
-without BatchNorm needs a few hundred steps), so docs/bilrp_vgg16_pair.png is still the random-weights
-figure of benchmarks/bench_influence.py.
+without BatchNorm needs a few hundred steps). On the same machine when quiet, a step takes ~2.3 s with
+2 threads (a further 4-minute run also stayed at chance), so a converged run needs well over 10 minutes
+of an otherwise idle machine; docs/bilrp_vgg16_pair.png is still the random-weights figure of
+benchmarks/bench_influence.py.
 """
 
 from __future__ import annotations
