@@ -310,12 +310,7 @@ def open_dataset(data: dict[str, Any], task: str = "classification", class_names
                                           data.get("id_field"))
     if limit:
         texts, labels, ids = texts[:limit], labels[:limit], ids[:limit]
-    Y = None
-    if any(v is not None for v in labels):
-        if any(v is None for v in labels):
-            raise ConfigError("data.label_field", "some lines have a label and some do not.")
-        Y = _labels_to_int(labels, class_names, "data.label_field") if task == "classification" else np.asarray(
-            labels, dtype=np.float32)
+    Y = record_labels(labels, task, class_names)
     pre = load_entry(data["preprocess"], "data.preprocess")
     lines = list(ids)
     payload = (lambda i: json.dumps({"t": "jsonl", "path": path, "text": texts[i], "line": lines[i]}))
@@ -392,7 +387,21 @@ def validate_arrays(ds: ArrayDataset | IterableDataset, chunk_size: int, n_class
 
 
 __all__ = ["Batch", "ArrayDataset", "IterableDataset", "open_dataset", "load_payload", "validate_arrays",
+           "record_labels", "iter_jsonl",
            "check_data_section", "FORMATS"]
+
+
+def record_labels(labels: list[Any], task: str, class_names: list[str] | None) -> np.ndarray | None:
+    """The targets of per-record labels (None where no record has one): class ids for classification
+    (names through ``class_names``), float32 values for regression; a mix of labelled and unlabelled
+    records is a ConfigError."""
+    if all(v is None for v in labels):
+        return None
+    if any(v is None for v in labels):
+        raise ConfigError("data.label_field", "some examples have a label and some do not.")
+    if task == "classification":
+        return _labels_to_int(labels, class_names, "data.label_field")
+    return np.asarray(labels, dtype=np.float32)
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:

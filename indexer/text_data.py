@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.data import ArrayDataset, _labels_to_int, iter_jsonl, open_dataset, read_jsonl_texts
+from indexer.data import ArrayDataset, _labels_to_int, iter_jsonl, open_dataset, read_jsonl_texts, record_labels
 from indexer.errors import ConfigError
 
 
@@ -163,12 +163,7 @@ def open_text_dataset(data: dict[str, Any], task: str, class_names: list[str] | 
         X = enc.encode(texts, "data.text_field")
         payload = (lambda i: json.dumps({"t": "inline", "value": texts[i]}))
         return ArrayDataset(X, enc.lm_labels(X), ids, payload, split, data["path"])
-    Y = None
-    if any(v is not None for v in labels):
-        if any(v is None for v in labels):
-            raise ConfigError("data.label_field", "some examples have a label and some do not.")
-        Y = _labels_to_int(labels, class_names, "data.label_field") if task == "classification" else np.asarray(
-            labels, dtype=np.float32)
+    Y = record_labels(labels, task, class_names)
     payload = (lambda i: json.dumps({"t": "inline", "value": texts[i]}))
     return ArrayDataset(np.asarray(texts, dtype=object), Y, ids, payload, split, data["path"],
                         transform=lambda xs: enc.encode(list(xs), "data.text_field"))
