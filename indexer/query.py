@@ -235,6 +235,8 @@ class GradIndex:
         vectors as the padded one, here, on this model; otherwise queries stay on the padded path
         and a warning says so. Why check: the cut is exact only for a model whose padded positions
         are fully masked, which the attention mask promises but a custom model may not keep."""
+        if self.exact_rerank:  # the stored exact factors are compared at the build's padded length
+            return
         enc = self.text_encoder()
         Xt, Yt = enc.trim_padding(X, Y)
         if Xt.shape == np.asarray(X).shape:
@@ -367,8 +369,7 @@ class GradIndex:
                     raise InvalidArgument(f"unknown class labels {unknown[:5]}: use one of {cn}.")
                 Y = np.asarray([cn.index(v) for v in Y.tolist()], dtype=np.int64)
         sink = vectorstore.FactorSink() if exact and self.exact_rerank else None
-        if sink is None:  # exact factors are kept at the build's padded length: no trimming for them
-            X, Y = self._trimmed(X, Y)
+        X, Y = self._trimmed(X, Y)
         with self.lock:
             try:
                 Q = emb.query_vectors(X, Y, sink=sink)  # a query needs its vector only, no gradient norms
