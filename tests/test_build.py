@@ -4,9 +4,6 @@ per-example autograd loop; the query API; name collisions; every dataset format.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest

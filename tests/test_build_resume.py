@@ -100,5 +100,5 @@ def test_resume_refuses_a_changed_config(tmp_path):
         build_index(cfg2, wd, resume=True, progress=False)
     r = build_index(cfg, wd, resume=True, progress=False)
     assert r.count == 64 and r.chunks_resumed == 2 and r.chunks_computed == 2
-    clean = build_index(cfg, tmp_path / "clean", progress=False)
+    build_index(cfg, tmp_path / "clean", progress=False)
     np.testing.assert_array_equal(open_index(wd, "tiny").vectors()[0], open_index(tmp_path / "clean", "tiny").vectors()[0])

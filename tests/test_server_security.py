@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from server.app import GradIndexServer
-from server.client import GradIndexClient
 from server.config import ServerConfig
 from server.protos import service_pb2 as pb
 from server.protos import service_pb2_grpc as pb_grpc
@@ -258,8 +257,7 @@ def test_reload_is_disabled_without_an_admin_token(tiny):
 
 
 def test_reload_honours_allow_list_and_max_served(srv, tiny):
-    ch, stub, _ = _stub(srv.port, ADMIN)
-    md = (("authorization", f"Bearer {ADMIN}"),)
+    ch, stub, md = _stub(srv.port, ADMIN)
     code, msg = rpc_error(lambda: stub.ReloadIndex(pb.ReloadIndexRequest(index="x", from_index="other"),
                                                    metadata=md, timeout=10))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "allow-list" in msg
@@ -286,8 +284,7 @@ def test_reload_of_a_corrupt_index_is_failed_precondition(tiny, tmp_path):
     try:
         for f in wd.rglob("*.faiss"):
             f.write_bytes(b"not a faiss index")
-        ch, stub, _ = _stub(s.port)
-        md = (("authorization", f"Bearer {ADMIN}"),)
+        ch, stub, md = _stub(s.port, ADMIN)
         code, msg = rpc_error(lambda: stub.ReloadIndex(pb.ReloadIndexRequest(index=tiny.name), metadata=md, timeout=60))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "cannot be opened" in msg, (code, msg)
         assert stub.DescribeIndex(pb.DescribeIndexRequest(name=tiny.name), metadata=md, timeout=10).generation == 1
