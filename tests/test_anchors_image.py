@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -280,6 +281,87 @@ def test_predict_batch_size_groups_rows_and_changes_nothing_else() -> None:
     for bad in (0, -3, 2.5, True, "big"):
         with pytest.raises(ValueError, match="predict_batch_size"):
             ex.explain(IMG, predict_batch_size=bad, **FAST)
+
+
+class SizeCost:
+    """``keyed``, with a real cost per row that depends on the call's size (time.sleep), as a model whose
+    buffers outgrow a cache or an allocator threshold: ``slow`` s per row in calls above ``cut`` rows,
+    ``fast`` s per row up to it, plus ``per_call`` s per call."""
+
+    def __init__(self, cut: int, slow: float, fast: float, per_call: float = 0.0) -> None:
+        self.cut, self.slow, self.fast, self.per_call = cut, slow, fast, per_call
+        self.sizes: list[int] = []
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(X))
+        time.sleep(self.per_call + len(X) * (self.slow if len(X) > self.cut else self.fast))
+        return keyed(X)
+
+
+def explain_until_calibrated(pred: SizeCost, batch: int) -> tuple[AnchorImage, list]:
+    ex = AnchorImage(pred, IMG.shape, segmentation_fn=grid, predictor_type="class")
+    exps = []
+    for seed in range(12):
+        exps.append(ex.explain(IMG, seed=seed, batch_size=batch, **FAST))
+        if exps[-1].raw["rows_per_call"] is not None:
+            break
+    return ex, exps
+
+
+def test_auto_rows_per_call_keeps_the_size_the_predictor_labels_fastest() -> None:
+    """predict_batch_size='auto' times calls of batch_size, /2 and /4 rows, keeps the fastest per row
+    (the largest within 10 % of it), and from then on sends calls of that size; the anchors are those
+    of fixed-size calls."""
+    pred = SizeCost(cut=15, slow=4e-4, fast=2e-5)  # 20x cheaper per row in calls of <= 15 rows
+    ex, exps = explain_until_calibrated(pred, batch=40)
+    last = exps[-1]
+    assert last.raw["rows_per_call"] == 10, last.raw["call_sizes"]
+    per_row = last.raw["call_sizes"]["seconds_per_row"]
+    assert per_row["40"] > 5 * per_row["10"] and per_row["20"] > 5 * per_row["10"]
+    assert last.meta["params"]["predict_batch_size"] == "auto"
+    n_before = len(pred.sizes)
+    again = ex.explain(IMG, seed=99, batch_size=40, **FAST)
+    assert again.raw["rows_per_call"] == 10 and max(pred.sizes[n_before + 1:]) <= 10  # [n_before]: the instance
+    ref = AnchorImage(keyed, IMG.shape, segmentation_fn=grid, predictor_type="class")
+    for seed, e in [(99, again)] + list(enumerate(exps)):
+        r = ref.explain(IMG, seed=seed, batch_size=40, predict_batch_size=None, **FAST)
+        assert e.raw["feature"] == r.raw["feature"] and e.raw["precision"] == r.raw["precision"]
+        assert e.raw["labelled"] == r.raw["labelled"]
+    # a predictor whose cost is per call keeps the largest calls
+    flat = SizeCost(cut=10**6, slow=0.0, fast=1e-6, per_call=3e-3)
+    _, exps = explain_until_calibrated(flat, batch=40)
+    assert exps[-1].raw["rows_per_call"] == 40, exps[-1].raw["call_sizes"]
+
+
+def test_call_sizer_candidates_and_threads() -> None:
+    """Candidates are batch_size, //2, //4 (deduplicated, at least 1); a one-row batch needs no timing;
+    concurrent explanations share one sizer per batch_size without corrupting it."""
+    from explainers.anchors.image import CallSizer
+
+    assert CallSizer(100).sizes == [100, 50, 25] and CallSizer(3).sizes == [3, 1]
+    assert CallSizer(1).chosen == 1
+    s = CallSizer(8, trials=2)
+    s.record(8, 5, 1.0)  # a short last chunk is not a timing of size 8
+    assert s.times[8] == [] and s.next_size() == 8
+    pred = SizeCost(cut=15, slow=2e-4, fast=2e-5)
+    ex = AnchorImage(pred, IMG.shape, segmentation_fn=grid, predictor_type="class")
+    errors: list[BaseException] = []
+
+    def run(seed: int) -> None:
+        try:
+            ex.explain(IMG, seed=seed, batch_size=40, **FAST)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and list(ex._call_sizers) == [40]
+    sizer = ex._call_sizers[40]
+    assert sizer.chosen in (None, 10), sizer.summary()  # the 20x cheaper size, once every size is timed
+    assert all(v > 0 for t in sizer.times.values() for v in t)
 
 
 def test_focused_draws_label_only_what_the_blocking_arms_use() -> None:

@@ -16,6 +16,8 @@ and alibi, which uses raw labels as column indices, then never perturbs one supe
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
@@ -47,7 +49,8 @@ def _builtin_segmentation(name: str, kwargs: Mapping[str, Any]) -> Callable[[np.
 
 
 def _rows_per_call(predict_batch_size: int | str | None, batch_size: Any) -> int | None:
-    """``predict_batch_size`` resolved: ``'auto'`` -> ``batch_size`` (checked later by the search), else checked here."""
+    """``predict_batch_size`` resolved: ``'auto'`` -> ``batch_size`` (the largest call; checked later by
+    the search), else checked here."""
     if isinstance(predict_batch_size, str) and predict_batch_size == "auto":
         ok = isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool) and batch_size >= 1
         return int(batch_size) if ok else None
@@ -57,6 +60,57 @@ def _rows_per_call(predict_batch_size: int | str | None, batch_size: Any) -> int
             or predict_batch_size < 1:
         raise ValueError(f"predict_batch_size must be 'auto', None or a positive integer, got {predict_batch_size!r}")
     return int(predict_batch_size)
+
+
+class CallSizer:
+    """Rows per predictor call for ``predict_batch_size='auto'``, chosen by timing the calls the search
+    makes anyway.
+
+    Why: a model's cost per row can depend on the call size in ways only a measurement shows. The
+    benchmark's digits CNN on one CPU thread, under glibc's default allocator, labels an image in
+    0.23 ms in calls of <= 83 rows and in 0.41 ms in calls of 100-128 rows (its activation buffers
+    pass malloc's mmap threshold, so every call faults them in afresh); with the allocator told never
+    to return memory, every size costs 0.23 ms. Which sizes are cheap depends on the model, the
+    machine and the allocator, so it is measured rather than guessed.
+
+    Candidates are ``largest``, ``largest // 2`` and ``largest // 4``. Until each has ``trials``
+    timed calls of exactly its size, calls rotate among them (least-timed first); then the largest
+    candidate whose median time per row is within ``margin`` of the best is kept (fewer calls at equal
+    cost). Only the grouping of rows into calls depends on it, never a label; the choice is kept for
+    the explainer's later explanations with the same ``largest``.
+    """
+
+    def __init__(self, largest: int, trials: int = 3, margin: float = 0.1) -> None:
+        self.largest = int(largest)
+        self.sizes = sorted({max(1, self.largest // d) for d in (1, 2, 4)}, reverse=True)
+        self.trials, self.margin = int(trials), float(margin)
+        self.times: dict[int, list[float]] = {s: [] for s in self.sizes}
+        self.chosen: int | None = self.sizes[0] if len(self.sizes) == 1 else None
+        self._lock = threading.Lock()
+
+    def next_size(self) -> int:
+        """Rows of the next call: the chosen size, or while calibrating the least-timed candidate."""
+        with self._lock:
+            if self.chosen is not None:
+                return self.chosen
+            return min(self.sizes, key=lambda s: (len(self.times[s]), -s))
+
+    def record(self, size: int, rows: int, seconds: float) -> None:
+        """Time of one call of ``rows`` rows made for candidate ``size`` (a short last chunk is not timed)."""
+        with self._lock:
+            if self.chosen is not None or rows != size or size not in self.times:
+                return
+            self.times[size].append(seconds / rows)
+            if all(len(t) >= self.trials for t in self.times.values()):
+                per_row = {s: float(np.median(t)) for s, t in self.times.items()}
+                best = min(per_row.values())
+                self.chosen = max(s for s, c in per_row.items() if c <= best * (1.0 + self.margin))
+
+    def summary(self) -> dict[str, Any]:
+        """The chosen size (None while calibrating) and the median seconds per row of each candidate."""
+        with self._lock:
+            return {"rows_per_call": self.chosen,
+                    "seconds_per_row": {str(s): float(np.median(t)) if t else None for s, t in self.times.items()}}
 
 
 class MaskedBatch:
@@ -99,7 +153,8 @@ class ImageSampler:
 
     def __init__(self, image: np.ndarray, segments: np.ndarray, label: Any, predictor: Callable, p_sample: float,
                  images_background: np.ndarray | None, cache_labels: bool = True,
-                 share_draws: bool = True, predict_batch_size: int | None = None) -> None:
+                 share_draws: bool = True, predict_batch_size: int | None = None,
+                 call_sizer: CallSizer | None = None) -> None:
         self.image = image
         self.segments = segments
         self.label = label
@@ -128,6 +183,7 @@ class ImageSampler:
         self.share_rate = 1.0 - float(p_sample)
         # rows per predictor call (None: all rows of a draw in one call); see AnchorImage.explain
         self.predict_batch_size = None if predict_batch_size is None else int(predict_batch_size)
+        self.call_sizer = call_sizer  # when set, it decides the rows per call (predict_batch_size='auto')
         self._cache: dict[bytes, bool] = {}
         self.drawn = 0     # rows the search asked to label
         self.labelled = 0  # rows sent to the predictor
@@ -158,9 +214,21 @@ class ImageSampler:
         return out
 
     def _predict(self, batch: MaskedBatch) -> np.ndarray:
-        """Labels equal to the instance's for the images of ``batch``, in calls of at most ``predict_batch_size`` rows."""
+        """Labels equal to the instance's for the images of ``batch``, in calls of at most
+        ``predict_batch_size`` rows (or of the call sizer's size)."""
         n, step = len(batch), self.predict_batch_size
         self.labelled += n
+        if self.call_sizer is not None:
+            out, i = [], 0
+            while i < n:
+                size = self.call_sizer.next_size()
+                images = self.images(batch[i:i + size])
+                t0 = time.perf_counter()
+                labels = self.predictor(images)
+                self.call_sizer.record(size, len(images), time.perf_counter() - t0)
+                out.append(labels == self.label)
+                i += size
+            return np.concatenate(out) if out else np.zeros(0, dtype=bool)
         if step is None or n <= step:
             return self.predictor(self.images(batch)) == self.label
         return np.concatenate([self.predictor(self.images(batch[i:i + step])) == self.label
@@ -258,6 +326,9 @@ class AnchorImage:
         self.images_background = images_background
         self.seed = seed
         self.p_sample = 0.5
+        # predict_batch_size='auto': one call sizer per batch_size, kept across explanations (same predictor)
+        self._call_sizers: dict[int, CallSizer] = {}
+        self._sizers_lock = threading.Lock()
         self.meta = explainer_meta("AnchorImage", {
             "custom_segmentation": self.custom_segmentation, "segmentation_fn": seg_name,
             "segmentation_kwargs": segmentation_kwargs, "seed": seed, "image_shape": self.image_shape, **kind})
@@ -299,11 +370,15 @@ class AnchorImage:
         and draw the candidates of a KL-LUCB round from their common parent (default, when
         ``1 - p_sample >= 0.25``); ``False`` samples each candidate from its own distribution only,
         as alibi does. ``raw['num_preds']`` counts draws; ``raw['labelled']`` the rows the predictor saw.
-        ``predict_batch_size``: most rows per predictor call; ``'auto'`` (default) = ``batch_size``,
-        the rows alibi sends per call; ``None``: every image of a draw in one call. Shared draws label
-        ~2 x batch_size images per KL-LUCB round, and a CNN on one CPU thread labels those slower per
-        image in one call than in two (the benchmark's digits CNN: ~0.34 ms per image in calls of
-        <= 128 rows, 0.5-1.0 ms in calls of 150-600 rows: the activations outgrow the CPU cache).
+        ``predict_batch_size``: most rows per predictor call. ``'auto'`` (default): ``batch_size``
+        (the rows alibi sends per call), ``batch_size // 2`` or ``batch_size // 4``, whichever the
+        predictor labels fastest per row, timed on the calls the search makes anyway (``CallSizer``;
+        the choice is kept for this explainer's later explanations and reported in
+        ``raw['rows_per_call']``, with the timings in ``raw['call_sizes']``). An integer caps the rows
+        per call; ``None`` sends every image of a draw in one call. Shared draws label ~2 x batch_size
+        images per KL-LUCB round, and a CNN on one CPU thread can label those slower per image in one
+        large call than in smaller ones (the benchmark's digits CNN: 0.23 ms per image in calls of
+        <= 83 rows, 0.41 ms in calls of 100-128 under glibc's default allocator).
         It changes only how rows are grouped into calls, never a label or the anchor.
         """
         image = np.asarray(image)
@@ -321,14 +396,22 @@ class AnchorImage:
                 raise ValueError(f"segments must have shape {image.shape[:2]}, got {segs.shape}")
             segs = np.unique(segs, return_inverse=True)[1].reshape(segs.shape).astype(np.int64)
         rows_per_call = _rows_per_call(predict_batch_size, batch_size)
+        sizer = None
+        if isinstance(predict_batch_size, str) and rows_per_call is not None:
+            with self._sizers_lock:
+                sizer = self._call_sizers.setdefault(rows_per_call, CallSizer(rows_per_call))
         image = image.astype(self.dtype, copy=False)
         label = self.predictor(image[None])[0]
         sampler = ImageSampler(image, segs, label, self.predictor, float(p_sample), self.images_background,
                                cache_labels=cache_labels, share_draws=share_draws,
-                               predict_batch_size=rows_per_call)
+                               predict_batch_size=rows_per_call, call_sizer=sizer)
         result, params = search_with_call_knobs(sampler, self.seed, locals())
         raw = dict(result)
         raw["labelled"] = int(sampler.labelled)
+        # rows per predictor call: the cap, or for 'auto' the calibrated size (None while still calibrating)
+        raw["rows_per_call"] = sizer.chosen if sizer is not None else rows_per_call
+        if sizer is not None:
+            raw["call_sizes"] = sizer.summary()
         raw["instance"] = image
         raw["instances"] = image[None]
         raw["prediction"] = np.array([label])
