@@ -198,54 +198,65 @@ def load_predictor(work: Path, task: str):
     return predict
 
 
-def run_worker(side: str, work: Path, tasks: list[str], quick: bool, lucb_arms: str = "auto") -> dict:
+def make_explainer(side: str, task: str, work: Path, pred, rep: int, cov: int, ours_opts: dict):
+    """The side's explainer for ``task`` (constructor seed ``rep``: alibi seeds its global generator
+    there), the inputs to explain and the explain call ``(x, seed) -> Explanation``."""
     import spacy
 
-    cov = 1000 if quick else 10000
-    ours_opts = {} if lucb_arms == "auto" else {"lucb_arms": None if lucb_arms == "all" else int(lucb_arms)}
-    out: dict = {}
     if side == "alibi":
         from alibi.explainers import AnchorImage, AnchorTabular, AnchorText
     else:
         sys.path.insert(0, str(REPO))
         from explainers.anchors import AnchorImage, AnchorTabular, AnchorText
+    if task in ("breast_cancer", "wine"):
+        d = np.load(work / f"{task}.npz")
+        names = [str(n) for n in d["feature_names"]]
+        if side == "alibi":
+            ex = AnchorTabular(pred, names, seed=rep)
+        else:
+            ex = AnchorTabular(pred, names, seed=rep, predictor_type="class")
+        ex.fit(d["X_train"], disc_perc=(25, 50, 75))
+        inputs = list(d["X_explain"])
+        call = lambda x, i: ex.explain(x, threshold=0.95, coverage_samples=cov, **({} if side == "alibi" else {"seed": i, **ours_opts}))  # noqa: E731
+    elif task == "digits":
+        d = np.load(work / "digits.npz")
+        ex = AnchorImage(pred, (28, 28, 1), segmentation_fn=grid_segments, seed=rep,
+                         images_background=np.load(work / "digits_background.npy"))
+        inputs = list(d["X_explain"])
+        call = lambda x, i: ex.explain(x, threshold=0.95, coverage_samples=cov, **({} if side == "alibi" else {"seed": i, **ours_opts}))  # noqa: E731
+    else:
+        nlp = spacy.blank("en")
+        ex = AnchorText(pred, sampling_strategy="unknown", nlp=nlp, seed=rep, sample_proba=0.5)
+        inputs = json.loads((work / "text.json").read_text())
+        call = lambda x, i: ex.explain(x, threshold=0.95, coverage_samples=cov, **({} if side == "alibi" else {"seed": i, **ours_opts}))  # noqa: E731
+    return ex, inputs, call
+
+
+def run_worker(side: str, work: Path, tasks: list[str], quick: bool, lucb_arms: str = "auto", seeds: int = 1) -> dict:
+    """Explain every input of every task ``seeds`` times (explain seeds ``i + 1000 * rep``); one row of
+    figures per explanation."""
+    cov = 1000 if quick else 10000
+    ours_opts = {} if lucb_arms == "auto" else {"lucb_arms": None if lucb_arms == "all" else int(lucb_arms)}
+    out: dict = {}
     for task in tasks:
         pred = Counted(load_predictor(work, task))
         rows = []
-        if task in ("breast_cancer", "wine"):
-            d = np.load(work / f"{task}.npz")
-            names = [str(n) for n in d["feature_names"]]
-            if side == "alibi":
-                ex = AnchorTabular(pred, names, seed=0)
-            else:
-                ex = AnchorTabular(pred, names, seed=0, predictor_type="class")
-            ex.fit(d["X_train"], disc_perc=(25, 50, 75))
-            inputs = list(d["X_explain"])
-            call = lambda x, i: ex.explain(x, threshold=0.95, coverage_samples=cov, **({} if side == "alibi" else {"seed": i, **ours_opts}))  # noqa: E731
-        elif task == "digits":
-            d = np.load(work / "digits.npz")
-            ex = AnchorImage(pred, (28, 28, 1), segmentation_fn=grid_segments, seed=0,
-                             images_background=np.load(work / "digits_background.npy"))
-            inputs = list(d["X_explain"])
-            call = lambda x, i: ex.explain(x, threshold=0.95, coverage_samples=cov, **({} if side == "alibi" else {"seed": i, **ours_opts}))  # noqa: E731
-        else:
-            nlp = spacy.blank("en")
-            ex = AnchorText(pred, sampling_strategy="unknown", nlp=nlp, seed=0, sample_proba=0.5)
-            inputs = json.loads((work / "text.json").read_text())
-            call = lambda x, i: ex.explain(x, threshold=0.95, coverage_samples=cov, **({} if side == "alibi" else {"seed": i, **ours_opts}))  # noqa: E731
-        for i, x in enumerate(inputs):
-            c0, r0 = pred.calls, pred.rows
-            t0 = time.perf_counter()
-            exp = call(x, i)
-            dt = time.perf_counter() - t0
-            prec = float(np.asarray(exp.precision, dtype=float).reshape(-1)[0])
-            cov_ = float(np.asarray(exp.coverage, dtype=float).reshape(-1)[0])
-            rows.append({"time_s": dt, "calls": pred.calls - c0, "rows": pred.rows - r0, "precision": prec,
-                         "coverage": cov_, "length": len(exp.raw["feature"]), "success": bool(exp.raw["success"]),
-                         "names": [str(n) for n in exp.raw["names"]] if task in ("breast_cancer", "wine") else [],
-                         "feature": [int(f) for f in exp.raw["feature"]]})
-            print(f"[{side}] {task} #{i}: {dt:.3f}s calls={pred.calls - c0} prec={prec:.3f} "
-                  f"cov={cov_:.3f} len={len(exp.raw['feature'])}", file=sys.stderr, flush=True)
+        for rep in range(seeds):
+            ex, inputs, call = make_explainer(side, task, work, pred, rep, cov, ours_opts)
+            for i, x in enumerate(inputs):
+                c0, r0 = pred.calls, pred.rows
+                t0 = time.perf_counter()
+                exp = call(x, i + 1000 * rep)
+                dt = time.perf_counter() - t0
+                prec = float(np.asarray(exp.precision, dtype=float).reshape(-1)[0])
+                cov_ = float(np.asarray(exp.coverage, dtype=float).reshape(-1)[0])
+                rows.append({"instance": i, "rep": rep, "time_s": dt, "calls": pred.calls - c0, "rows": pred.rows - r0,
+                             "precision": prec, "coverage": cov_, "length": len(exp.raw["feature"]),
+                             "success": bool(exp.raw["success"]),
+                             "names": [str(n) for n in exp.raw["names"]] if task in ("breast_cancer", "wine") else [],
+                             "feature": [int(f) for f in exp.raw["feature"]]})
+                print(f"[{side}] {task} #{i}{f' rep {rep}' if seeds > 1 else ''}: {dt:.3f}s calls={pred.calls - c0} "
+                      f"prec={prec:.3f} cov={cov_:.3f} len={len(exp.raw['feature'])}", file=sys.stderr, flush=True)
         out[task] = rows
     return out
 
@@ -285,7 +296,8 @@ def remeasure(work: Path, task: str, rows: list[dict], n_samples: int, seed: int
         d = np.load(work / f"{task}.npz")
         Xtr, feature_names = d["X_train"], [str(n) for n in d["feature_names"]]
         quantiles = np.percentile(Xtr, (25, 50, 75), axis=0)
-        for x, r in zip(d["X_explain"], rows):
+        for r in rows:
+            x = d["X_explain"][r["instance"]]
             label = predict(x[None])[0]
             conds = parse_tabular_anchor(r["names"], feature_names, quantiles)
             sat = np.ones(len(Xtr), dtype=bool)
@@ -303,7 +315,8 @@ def remeasure(work: Path, task: str, rows: list[dict], n_samples: int, seed: int
     elif task == "digits":
         d = np.load(work / "digits.npz")
         bg = np.load(work / "digits_background.npy")[0]
-        for img, r in zip(d["X_explain"], rows):
+        for r in rows:
+            img = d["X_explain"][r["instance"]]
             seg = grid_segments(img)
             label = predict(img[None])[0]
             keep = rng.random((n_samples, int(seg.max()) + 1)) >= 0.5
@@ -314,7 +327,9 @@ def remeasure(work: Path, task: str, rows: list[dict], n_samples: int, seed: int
         import spacy
 
         nlp = spacy.blank("en")
-        for text, r in zip(json.loads((work / "text.json").read_text()), rows):
+        texts = json.loads((work / "text.json").read_text())
+        for r in rows:
+            text = texts[r["instance"]]
             words = [t.text for t in nlp(text)]
             label = predict([text])[0]
             changed = rng.random((n_samples, len(words))) < 0.5
@@ -341,6 +356,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 instances per task, coverage_samples 1000, 1-epoch CNN")
     ap.add_argument("--n", type=int, default=10, help="instances per task")
     ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="explain every input this many times with different seeds (figures over all of them): "
+                         "fewer ties decided by one anchor's luck in the precision/coverage comparison")
     ap.add_argument("--lucb-arms", default="auto", help="our lucb_arms: auto (default), all, or an integer >= 2")
     ap.add_argument("--verify-samples", type=int, default=2000, help="fresh samples per anchor (common re-measure)")
     ap.add_argument("--alibi-python", default="/tmp/alibi-venv/bin/python")
@@ -355,7 +373,7 @@ def main() -> None:
     args = ap.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
     if args.worker:
-        res = run_worker(args.worker, Path(args.work), tasks, args.quick, args.lucb_arms)
+        res = run_worker(args.worker, Path(args.work), tasks, args.quick, args.lucb_arms, args.seeds)
         print(json.dumps(res))
         return
     n = 2 if args.quick else args.n
@@ -377,7 +395,7 @@ def main() -> None:
         results: dict = {}
         for side, py in sides.items():
             cmd = [py, str(Path(__file__).resolve()), "--worker", side, "--work", str(work), "--tasks", ",".join(tasks),
-                   "--lucb-arms", args.lucb_arms]
+                   "--lucb-arms", args.lucb_arms, "--seeds", str(args.seeds)]
             if args.quick:
                 cmd.append("--quick")
             print(f"running {side} ...", flush=True)
@@ -401,7 +419,7 @@ def main() -> None:
         REFERENCE.parent.mkdir(parents=True, exist_ok=True)
         REFERENCE.write_text(json.dumps({"made": time.strftime("%Y-%m-%d"), "quick": args.quick, "n": n,
                                          "summary": summary["alibi"], "rows": results["alibi"]}, indent=1))
-    print(f"lucb_arms (ours) = {args.lucb_arms}; precision/coverage: 'own' = the side's estimate, "
+    print(f"{n} inputs x {args.seeds} seed(s) per task; lucb_arms (ours) = {args.lucb_arms}; precision/coverage: 'own' = the side's estimate, "
           f"'common' = re-measured ({n_verify} fresh samples per anchor, same procedure for both)")
     hdr = (f"{'task':14s} {'side':6s} {'median s':>9s} {'calls':>6s} {'rows':>7s} {'prec own':>9s} {'prec com':>9s} "
            f"{'min com':>8s} {'cov own':>8s} {'cov com':>8s} {'length':>6s} {'success':>7s}")
