@@ -342,7 +342,10 @@ def test_call_sizer_candidates_and_threads() -> None:
     assert CallSizer(1).chosen == 1
     s = CallSizer(8, trials=2)
     s.record(8, 5, 1.0)  # a short last chunk is not a timing of size 8
-    assert s.times[8] == [] and s.next_size() == 8
+    assert s.times[8] == [] and s.next_size(20) == 8
+    assert s.next_size(5) == 4 and s.next_size(1) == 1  # sizes the rows left can fill; fewer rows: one call
+    s.record(8, 8, 8e-3), s.record(8, 8, 8e-3)
+    assert s.next_size(20) == 4  # the least-timed size that fits
     pred = SizeCost(cut=15, slow=2e-4, fast=2e-5)
     ex = AnchorImage(pred, IMG.shape, segmentation_fn=grid, predictor_type="class")
     errors: list[BaseException] = []

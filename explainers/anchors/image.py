@@ -74,7 +74,8 @@ class CallSizer:
     machine and the allocator, so it is measured rather than guessed.
 
     Candidates are ``largest``, ``largest // 2`` and ``largest // 4``. Until each has ``trials``
-    timed calls of exactly its size, calls rotate among them (least-timed first); then the largest
+    timed calls of exactly its size, calls rotate among those the rows left to label can fill
+    (least-timed first; rows fewer than the smallest go in one untimed call); then the largest
     candidate whose median time per row is within ``margin`` of the best is kept (fewer calls at equal
     cost). Only the grouping of rows into calls depends on it, never a label; the choice is kept for
     the explainer's later explanations with the same ``largest``.
@@ -88,12 +89,17 @@ class CallSizer:
         self.chosen: int | None = self.sizes[0] if len(self.sizes) == 1 else None
         self._lock = threading.Lock()
 
-    def next_size(self) -> int:
-        """Rows of the next call: the chosen size, or while calibrating the least-timed candidate."""
+    def next_size(self, remaining: int) -> int:
+        """Rows of the next call when ``remaining`` rows are left to label: the chosen size, or while
+        calibrating the least-timed candidate that this call can time (one of at most ``remaining``
+        rows; all ``remaining`` rows in one call when every candidate is larger)."""
         with self._lock:
             if self.chosen is not None:
                 return self.chosen
-            return min(self.sizes, key=lambda s: (len(self.times[s]), -s))
+            fits = [s for s in self.sizes if s <= remaining]
+            if not fits:
+                return remaining
+            return min(fits, key=lambda s: (len(self.times[s]), -s))
 
     def record(self, size: int, rows: int, seconds: float) -> None:
         """Time of one call of ``rows`` rows made for candidate ``size`` (a short last chunk is not timed)."""
@@ -221,7 +227,7 @@ class ImageSampler:
         if self.call_sizer is not None:
             out, i = [], 0
             while i < n:
-                size = self.call_sizer.next_size()
+                size = self.call_sizer.next_size(n - i)
                 images = self.images(batch[i:i + size])
                 t0 = time.perf_counter()
                 labels = self.predictor(images)
