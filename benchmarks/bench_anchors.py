@@ -199,10 +199,8 @@ def load_predictor(work: Path, task: str):
 
 
 def make_explainer(side: str, task: str, work: Path, pred, rep: int, cov: int, ours_opts: dict):
-    """The side's explainer for ``task`` (constructor seed ``rep``: alibi seeds its global generator
-    there), the inputs to explain and the explain call ``(x, seed) -> Explanation``."""
-    import spacy
-
+    """The side's inputs for ``task`` and its explain call ``(x, seed) -> Explanation``, on an explainer
+    made with constructor seed ``rep`` (alibi seeds its global generator there)."""
     if side == "alibi":
         from alibi.explainers import AnchorImage, AnchorTabular, AnchorText
     else:
@@ -211,25 +209,22 @@ def make_explainer(side: str, task: str, work: Path, pred, rep: int, cov: int, o
     if task in ("breast_cancer", "wine"):
         d = np.load(work / f"{task}.npz")
         names = [str(n) for n in d["feature_names"]]
-        if side == "alibi":
-            ex = AnchorTabular(pred, names, seed=rep)
-        else:
-            ex = AnchorTabular(pred, names, seed=rep, predictor_type="class")
+        ex = AnchorTabular(pred, names, seed=rep, **({} if side == "alibi" else {"predictor_type": "class"}))
         ex.fit(d["X_train"], disc_perc=(25, 50, 75))
         inputs = list(d["X_explain"])
-        call = lambda x, i: ex.explain(x, threshold=0.95, coverage_samples=cov, **({} if side == "alibi" else {"seed": i, **ours_opts}))  # noqa: E731
     elif task == "digits":
         d = np.load(work / "digits.npz")
         ex = AnchorImage(pred, (28, 28, 1), segmentation_fn=grid_segments, seed=rep,
                          images_background=np.load(work / "digits_background.npy"))
         inputs = list(d["X_explain"])
-        call = lambda x, i: ex.explain(x, threshold=0.95, coverage_samples=cov, **({} if side == "alibi" else {"seed": i, **ours_opts}))  # noqa: E731
     else:
-        nlp = spacy.blank("en")
-        ex = AnchorText(pred, sampling_strategy="unknown", nlp=nlp, seed=rep, sample_proba=0.5)
+        import spacy
+
+        ex = AnchorText(pred, sampling_strategy="unknown", nlp=spacy.blank("en"), seed=rep, sample_proba=0.5)
         inputs = json.loads((work / "text.json").read_text())
-        call = lambda x, i: ex.explain(x, threshold=0.95, coverage_samples=cov, **({} if side == "alibi" else {"seed": i, **ours_opts}))  # noqa: E731
-    return ex, inputs, call
+    if side == "alibi":  # alibi's explain takes no seed: its generator runs on from the constructor's
+        return inputs, lambda x, i: ex.explain(x, threshold=0.95, coverage_samples=cov)
+    return inputs, lambda x, i: ex.explain(x, threshold=0.95, coverage_samples=cov, seed=i, **ours_opts)
 
 
 def run_worker(side: str, work: Path, tasks: list[str], quick: bool, lucb_arms: str = "auto", seeds: int = 1) -> dict:
@@ -242,7 +237,7 @@ def run_worker(side: str, work: Path, tasks: list[str], quick: bool, lucb_arms: 
         pred = Counted(load_predictor(work, task))
         rows = []
         for rep in range(seeds):
-            ex, inputs, call = make_explainer(side, task, work, pred, rep, cov, ours_opts)
+            inputs, call = make_explainer(side, task, work, pred, rep, cov, ours_opts)
             for i, x in enumerate(inputs):
                 c0, r0 = pred.calls, pred.rows
                 t0 = time.perf_counter()
@@ -257,6 +252,11 @@ def run_worker(side: str, work: Path, tasks: list[str], quick: bool, lucb_arms: 
                              "feature": [int(f) for f in exp.raw["feature"]]})
                 print(f"[{side}] {task} #{i}{f' rep {rep}' if seeds > 1 else ''}: {dt:.3f}s calls={pred.calls - c0} "
                       f"prec={prec:.3f} cov={cov_:.3f} len={len(exp.raw['feature'])}", file=sys.stderr, flush=True)
+            if "call_sizes" in exp.raw:  # AnchorImage's timed call sizes, as this explainer measured them
+                per_row = exp.raw["call_sizes"]["seconds_per_row"]
+                print(f"[{side}] {task} rep {rep}: rows per call {exp.raw['call_sizes']['rows_per_call']}; ms per image "
+                      "by call size " + ", ".join(f"{k}: {v * 1e3:.3f}" for k, v in per_row.items() if v is not None),
+                      file=sys.stderr, flush=True)
         out[task] = rows
     return out
 
@@ -340,6 +340,30 @@ def remeasure(work: Path, task: str, rows: list[dict], n_samples: int, seed: int
     return out
 
 
+def cnn_cost_by_call_size(work: Path, sizes: tuple[int, ...] = (25, 50, 83, 100, 128), reps: int = 15) -> dict:
+    """The digits CNN's time per image (ms, median of ``reps`` calls, one thread) by rows per call, on
+    perturbed explained digits. Why: the speed-up depends on it. alibi sends every call at batch_size
+    = 100 rows; ours times its calls and keeps the cheapest size (AnchorImage predict_batch_size='auto').
+    Measured in this process, under the same allocator settings the workers inherit."""
+    predict = load_predictor(work, "digits")
+    imgs = np.load(work / "digits.npz")["X_explain"]
+    seg = grid_segments(imgs[0])
+    rng = np.random.default_rng(0)
+    out = {}
+    for n in sizes:
+        keep = rng.random((n, int(seg.max()) + 1)) >= 0.5
+        batch = np.where(keep[:, seg][..., None], imgs[rng.integers(0, len(imgs), n)], np.float32(0.0))
+        batch = batch.astype(np.float32)
+        predict(batch)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            predict(batch)
+            ts.append(time.perf_counter() - t0)
+        out[n] = float(np.median(ts)) / n * 1e3
+    return out
+
+
 def summarise(rows: list[dict]) -> dict:
     a = lambda k: np.array([r.get(k, np.nan) for r in rows], dtype=float)  # noqa: E731
     return {"n": len(rows), "median_time_s": float(np.median(a("time_s"))), "mean_time_s": float(a("time_s").mean()),
@@ -408,6 +432,10 @@ def main() -> None:
             for t, rows in res.items():
                 for r, (p, c) in zip(rows, remeasure(work, t, rows, n_verify)):
                     r["common_precision"], r["common_coverage"] = p, c
+        if "digits" in tasks:
+            cost = cnn_cost_by_call_size(work)
+            print("digits CNN, ms per image by rows per call (one thread, this process's allocator settings): "
+                  + ", ".join(f"{n}: {ms:.3f}" for n, ms in cost.items()), flush=True)
     summary = {side: {t: summarise(r) for t, r in res.items()} for side, res in results.items()}
     if "alibi" not in summary:
         if REFERENCE.exists():

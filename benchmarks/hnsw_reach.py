@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,11 +22,9 @@ import faiss
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def hits_in(I: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per query, how many of its exact top-10 are among its candidate ids."""
-    return np.array([len(set(I[q].tolist()) & set(truth[q, :10].tolist())) for q in range(len(I))])
+from indexer.store import hits_at_k  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
           f"data {json.loads((args.data / 'meta.json').read_text())}")
     hnsw.hnsw.efSearch = 500
     _, I = index.search(Q, 500)
-    h = hits_in(I, truth)
+    h = hits_at_k(I, truth)
     print(f"efSearch 500, 500 candidates: recall {h.mean() / 10:.3f}; queries with 0..10 of their true top-10 found: "
           f"{np.bincount(h, minlength=11).tolist()}")
     nd = min(args.deep_queries, len(Q))
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         _, I = index.search(Q[:nd], 1000)
         dt = time.perf_counter() - t
-        h = hits_in(I, truth[:nd])
+        h = hits_at_k(I, truth[:nd])
         print(f"efSearch {ef}, 1000 candidates ({nd} queries): recall {h.mean() / 10:.3f} at {nd / dt:.0f} q/s; "
               f"hits histogram {np.bincount(h, minlength=11).tolist()}")
     return 0

@@ -362,12 +362,20 @@ class VectorStore:
         return D, I.astype(np.int64)
 
 
+def hits_at_k(candidate_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per query, how many of its exact top-k ids (-1 padding ignored) are among its candidate ids (every
+    column of ``candidate_ids``: a top-k, or a longer candidate list before re-ranking)."""
+    return np.array([len(set(c.tolist()) & set(e[:k].tolist()) - {-1}) for c, e in zip(candidate_ids, exact_ids)],
+                    dtype=np.int64)
+
+
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> float:
     """Mean fraction of the exact top-k ids found in the approximate top-k."""
-    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist()) - {-1}) / max(1, min(k, int((e[:k] >= 0).sum())))
-            for a, e in zip(approx_ids, exact_ids)]
-    return float(np.mean(hits)) if hits else 1.0
+    hits = hits_at_k([a[:k] for a in approx_ids], exact_ids, k)
+    found = [max(1, min(k, int((e[:k] >= 0).sum()))) for e in exact_ids]
+    return float(np.mean(hits / np.asarray(found))) if len(hits) else 1.0
 
 
 __all__ = ["IndexSpec", "VectorStore", "ExactSearcher", "make_index", "atomic_write_index", "recall_at_k",
+           "hits_at_k",
            "augment_train", "augment_query", "FAISS_KINDS", "APPROX_KINDS", "fsync_path"]

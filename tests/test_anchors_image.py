@@ -335,7 +335,7 @@ def test_auto_rows_per_call_keeps_the_size_the_predictor_labels_fastest() -> Non
 
 def test_call_sizer_candidates_and_threads() -> None:
     """Candidates are batch_size, //2, //4 (deduplicated, at least 1); a one-row batch needs no timing;
-    concurrent explanations share one sizer per batch_size without corrupting it."""
+    concurrent explanations share one sizer per batch_size and each gets the anchor it gets alone."""
     from explainers.anchors.image import CallSizer
 
     assert CallSizer(100).sizes == [100, 50, 25] and CallSizer(3).sizes == [3, 1]
@@ -349,10 +349,11 @@ def test_call_sizer_candidates_and_threads() -> None:
     pred = SizeCost(cut=15, slow=2e-4, fast=2e-5)
     ex = AnchorImage(pred, IMG.shape, segmentation_fn=grid, predictor_type="class")
     errors: list[BaseException] = []
+    got: dict[int, dict] = {}
 
     def run(seed: int) -> None:
         try:
-            ex.explain(IMG, seed=seed, batch_size=40, **FAST)
+            got[seed] = ex.explain(IMG, seed=seed, batch_size=40, **FAST).raw
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -364,7 +365,11 @@ def test_call_sizer_candidates_and_threads() -> None:
     assert not errors and list(ex._call_sizers) == [40]
     sizer = ex._call_sizers[40]
     assert sizer.chosen in (None, 10), sizer.summary()  # the 20x cheaper size, once every size is timed
-    assert all(v > 0 for t in sizer.times.values() for v in t)
+    ref = AnchorImage(keyed, IMG.shape, segmentation_fn=grid, predictor_type="class")
+    for seed, raw in got.items():
+        alone = ref.explain(IMG, seed=seed, batch_size=40, predict_batch_size=None, **FAST).raw
+        assert (raw["feature"], raw["precision"], raw["labelled"]) == \
+            (alone["feature"], alone["precision"], alone["labelled"])
 
 
 def test_focused_draws_label_only_what_the_blocking_arms_use() -> None:

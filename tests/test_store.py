@@ -140,3 +140,15 @@ def test_bad_queries(flat):
         st.search(np.zeros((2, 31), np.float32), 3)
     with pytest.raises(InvalidArgument, match="k"):
         st.search(np.zeros((2, 32), np.float32), 0)
+
+
+def test_hits_at_k_counts_exact_top_k_among_all_candidates() -> None:
+    """Hand-computed: every candidate column counts (a re-rank list longer than k), -1 padding never does;
+    recall_at_k stays the top-k special case."""
+    from indexer.store import hits_at_k
+
+    exact = np.array([[1, 2, 3], [4, 5, -1]])
+    cand = np.array([[9, 8, 3, 2, 7], [5, -1, -1, -1, -1]])
+    assert hits_at_k(cand, exact, 3).tolist() == [2, 1]
+    assert hits_at_k(cand[:, :2], exact, 3).tolist() == [0, 1]
+    assert recall_at_k(cand[:, :3], exact, 3) == (1 / 3 + 1 / 2) / 2

@@ -87,14 +87,20 @@ def features_of(model, X: np.ndarray, batch: int = 64):
                           for i in range(0, len(X), batch)])
 
 
-def train(X: np.ndarray, y: np.ndarray, minutes: float, seed: int, batch: int = 64, state: dict | None = None):
+HEAD, END_TO_END = "head", "head, then end to end"  # the stage a training run reached
+
+
+def train(X: np.ndarray, y: np.ndarray, minutes: float, seed: int, batch: int = 64, state: dict | None = None,
+          stage: str | None = None):
     """torchvision's VGG-16 (num_classes=4; seeded random init, or ``state`` to resume), trained in two
     stages until ``minutes`` pass or the last 10 batches average >= 98 % accuracy: first its classifier
     head (three Linear layers, 120M of its 134M parameters) on the convolutional features of X, computed
     once with the convolutions frozen (for at most 60 % of the time); then, if time is left and the head has not converged, every layer
     end to end. Why: from scratch and without BatchNorm, VGG-16's end-to-end steps cost ~2.3 s for 16
     images on two CPU threads and stayed at chance for the first tens of steps, whereas a head step on
-    cached features costs a fraction of that. Returns (model in eval mode, steps, converged, stage)."""
+    cached features costs a fraction of that. Resuming (``state``) from a run whose ``stage`` already
+    reached END_TO_END goes straight on end to end. Returns (model in eval mode, steps, converged,
+    stage reached)."""
     import torch
     from tqdm import tqdm
 
@@ -127,17 +133,19 @@ def train(X: np.ndarray, y: np.ndarray, minutes: float, seed: int, batch: int = 
                     return steps, True
         return steps, False
 
-    model.train()
-    F = features_of(model.eval(), X)
-    model.train()
-    steps, converged = run("classifier head on frozen features", model.classifier.parameters(),
-                           lambda idx: model.classifier(F[idx]), len(F), 1e-4, batch, 0.6)
-    stage = "head"
+    steps, converged = 0, False
+    if stage != END_TO_END:
+        F = features_of(model.eval(), X)
+        model.train()
+        steps, converged = run("classifier head on frozen features", model.classifier.parameters(),
+                               lambda idx: model.classifier(F[idx]), len(F), 1e-4, batch, 0.6)
+        stage = HEAD
     if not converged and left() > 0:
+        model.train()
         Xt = torch.as_tensor(X)
         more, converged = run("end to end", model.parameters(), lambda idx: model(Xt[idx]), len(Xt), 2e-5, 16, 1.0)
         steps += more
-        stage = "head, then end to end"
+        stage = END_TO_END
     return model.eval(), steps, converged, stage
 
 
@@ -181,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         # no cache, or a run that stopped at its time limit: train (on from the cached weights)
         t0 = time.perf_counter()
         model, steps, converged, stage = train(X, y, args.minutes, args.seed + (cached or {}).get("steps", 0),
-                                        state=None if cached is None else cached["state_dict"])
+                                               state=None if cached is None else cached["state_dict"],
+                                               stage=None if cached is None else cached["stage"])
         minutes = (time.perf_counter() - t0) / 60
         if cached is not None:
             steps, minutes = steps + cached["steps"], minutes + cached["minutes"]

@@ -66,12 +66,13 @@ class CallSizer:
     """Rows per predictor call for ``predict_batch_size='auto'``, chosen by timing the calls the search
     makes anyway.
 
-    Why: a model's cost per row can depend on the call size in ways only a measurement shows. The
-    benchmark's digits CNN on one CPU thread, under glibc's default allocator, labels an image in
-    0.23 ms in calls of <= 83 rows and in 0.41 ms in calls of 100-128 rows (its activation buffers
-    pass malloc's mmap threshold, so every call faults them in afresh); with the allocator told never
-    to return memory, every size costs 0.23 ms. Which sizes are cheap depends on the model, the
-    machine and the allocator, so it is measured rather than guessed.
+    Why: a model's cost per row can depend on the call size in ways only a measurement shows. In the
+    anchors benchmark the digits CNN on one CPU thread, timed by this class inside the explaining
+    process, cost 0.17-0.22 ms per image in 100-row calls and 0.07-0.08 ms in 25-row calls under
+    glibc's default allocator; with the allocator told never to return memory to the kernel every size
+    cost ~0.09 ms (large buffers past malloc's mmap threshold are otherwise mapped and faulted in
+    afresh on every call). Which sizes are cheap depends on the model, the machine and the process's
+    allocator state, so it is measured rather than guessed.
 
     Candidates are ``largest``, ``largest // 2`` and ``largest // 4``. Until each has ``trials``
     timed calls of exactly its size, calls rotate among those the rows left to label can fill
@@ -220,25 +221,21 @@ class ImageSampler:
         return out
 
     def _predict(self, batch: MaskedBatch) -> np.ndarray:
-        """Labels equal to the instance's for the images of ``batch``, in calls of at most
-        ``predict_batch_size`` rows (or of the call sizer's size)."""
-        n, step = len(batch), self.predict_batch_size
+        """Labels equal to the instance's for the images of ``batch``, in calls of the call sizer's size,
+        else of at most ``predict_batch_size`` rows (all in one call when None)."""
+        n, sizer = len(batch), self.call_sizer
         self.labelled += n
-        if self.call_sizer is not None:
-            out, i = [], 0
-            while i < n:
-                size = self.call_sizer.next_size(n - i)
-                images = self.images(batch[i:i + size])
-                t0 = time.perf_counter()
-                labels = self.predictor(images)
-                self.call_sizer.record(size, len(images), time.perf_counter() - t0)
-                out.append(labels == self.label)
-                i += size
-            return np.concatenate(out) if out else np.zeros(0, dtype=bool)
-        if step is None or n <= step:
-            return self.predictor(self.images(batch)) == self.label
-        return np.concatenate([self.predictor(self.images(batch[i:i + step])) == self.label
-                               for i in range(0, n, step)])
+        out, i = [], 0
+        while i < n:
+            size = sizer.next_size(n - i) if sizer is not None else (self.predict_batch_size or n)
+            images = self.images(batch[i:i + size])
+            t0 = time.perf_counter()
+            labels = self.predictor(images)
+            if sizer is not None:
+                sizer.record(size, len(images), time.perf_counter() - t0)
+            out.append(labels == self.label)
+            i += size
+        return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
     def _keys(self, batch: MaskedBatch) -> list[bytes]:
         """One key per distinct masked image: kept superpixels (plus the unchanged ones) and the replacement."""
@@ -383,8 +380,8 @@ class AnchorImage:
         ``raw['rows_per_call']``, with the timings in ``raw['call_sizes']``). An integer caps the rows
         per call; ``None`` sends every image of a draw in one call. Shared draws label ~2 x batch_size
         images per KL-LUCB round, and a CNN on one CPU thread can label those slower per image in one
-        large call than in smaller ones (the benchmark's digits CNN: 0.23 ms per image in calls of
-        <= 83 rows, 0.41 ms in calls of 100-128 under glibc's default allocator).
+        large call than in smaller ones (the anchors benchmark's digits CNN under glibc's default
+        allocator: 0.17-0.22 ms per image in 100-row calls, 0.07-0.08 ms in 25-row calls).
         It changes only how rows are grouped into calls, never a label or the anchor.
         """
         image = np.asarray(image)
